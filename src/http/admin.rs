@@ -1,0 +1,95 @@
+//! /api/admin/users: user management for admins. Nobody changes their own
+//! role or disabled flag, so no one can raise themselves or lock out the
+//! last admin by accident.
+
+use std::sync::Arc;
+
+use axum::{Json, extract::State};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{
+    AppState,
+    error::{ApiError, ApiResult},
+    extract::{ApiJson, AuthUser, Pagination, UuidPath},
+    views::{AdminUserView, ErrorBody, Page},
+};
+use crate::domain::{Validator, user::Role};
+
+/// Every account, oldest first.
+#[utoipa::path(get, path = "/api/admin/users", tag = "admin", security(("bearer" = [])),
+    params(("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    responses((status = 200, body = Page<AdminUserView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn list_users(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    page: Pagination,
+) -> ApiResult<Json<Page<AdminUserView>>> {
+    auth.require(&[Role::Admin])?;
+    let (users, total) = state.store.list_users(page.per_page, page.offset()).await?;
+    Ok(Json(Page {
+        items: users.iter().map(AdminUserView::from).collect(),
+        page: page.page,
+        per_page: page.per_page,
+        total,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateUserBody {
+    /// `user`, `agent` or `admin`.
+    pub role: Option<String>,
+    /// A disabled user cannot log in and their live tokens stop working.
+    pub disabled: Option<bool>,
+}
+
+/// Change a user's role or disable them.
+#[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = UpdateUserBody,
+    responses((status = 200, body = AdminUserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn update_user(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    id: UuidPath,
+    ApiJson(body): ApiJson<UpdateUserBody>,
+) -> ApiResult<Json<AdminUserView>> {
+    auth.require(&[Role::Admin])?;
+    let mut v = Validator::new();
+    let role = v.check_opt("role", body.role, |r| r.parse::<Role>()).flatten();
+    v.finish().map_err(ApiError::invalid)?;
+    if id.one() == auth.user.id && (role.is_some() || body.disabled.is_some()) {
+        return Err(ApiError::forbidden("cannot_modify_self", "You cannot change your own role or disable yourself."));
+    }
+    let user = state
+        .store
+        .update_user_admin(id.one(), role, body.disabled, state.clock.now_ms())
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(AdminUserView::from(&user)))
+}
+
+/// `palaver admin create`: a new account with the admin role, validated like
+/// a registration.
+pub async fn create_admin(
+    state: &AppState,
+    email: &str,
+    username: Option<&str>,
+    password: String,
+) -> anyhow::Result<crate::store::UserRecord> {
+    use crate::domain::user::{Email, Password, Username};
+    let email = Email::parse(email).map_err(|e| anyhow::anyhow!("email {e}"))?;
+    let username = username.map(Username::parse).transpose().map_err(|e| anyhow::anyhow!("username {e}"))?;
+    let password = Password::parse(password).map_err(|e| anyhow::anyhow!("password {e}"))?;
+    let hash = state.hasher.hash(&password).await?;
+    super::auth::insert_user(state, Some(&email), username.as_ref(), None, &hash, Role::Admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e_detail(e)))
+}
+
+fn e_detail(e: ApiError) -> String {
+    match e {
+        ApiError::Conflict { detail, .. } => detail,
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,136 @@
+//! One-call chat (`/api/chat`), the history overview and the model list.
+
+use std::sync::Arc;
+
+use axum::{Json, extract::State, http::HeaderMap};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{
+    AppState,
+    conversations::validate_message,
+    error::ApiResult,
+    extract::{ApiJson, AuthUser, Pagination},
+    streaming,
+    views::{ErrorBody, Items, MessageView, Page, UsageView},
+};
+use crate::{
+    clock::rfc3339,
+    realtime::replies::{self, Sent},
+};
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatBody {
+    pub message: String,
+    /// Continue this conversation; a new one is started when absent.
+    pub conversation_id: Option<String>,
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatReply {
+    pub conversation_id: String,
+    /// The assistant message's id.
+    pub message_id: String,
+    pub reply: String,
+    pub model: Option<String>,
+    pub usage: Option<UsageView>,
+    pub created_at: String,
+}
+
+/// Send one message, get the reply.
+#[utoipa::path(post, path = "/api/chat", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
+    params(("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = ChatReply), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> ApiResult<Json<ChatReply>> {
+    let sent = send_chat(&state, &auth, &headers, body).await?;
+    let assistant = streaming::await_reply(&state, &sent).await?;
+    let view = MessageView::from(&assistant);
+    Ok(Json(ChatReply {
+        conversation_id: sent.conversation_id,
+        message_id: view.id,
+        reply: view.content,
+        model: view.model,
+        usage: view.usage,
+        created_at: view.created_at,
+    }))
+}
+
+/// Validates a chat body and sends it; shared by /api/chat and /api/chat/stream.
+pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderMap, body: ChatBody) -> ApiResult<Sent> {
+    let (content, model) = validate_message(state, "message", body.message, body.model)?;
+    let target = streaming::parse_chat_target(state, auth, body.conversation_id.as_deref()).await?;
+    replies::send(
+        state,
+        replies::SendRequest {
+            user_id: auth.user.id.clone(),
+            target,
+            content,
+            model,
+            idempotency_key: streaming::idempotency_key(headers, "chat")?,
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryView {
+    pub conversation_id: String,
+    pub title: Option<String>,
+    /// Text of the latest message.
+    pub last_message: Option<String>,
+    pub updated_at: String,
+}
+
+/// Conversations with their latest message, newest activity first.
+#[utoipa::path(get, path = "/api/history", tag = "chat", security(("bearer" = [])),
+    params(("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    responses((status = 200, body = Page<HistoryView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    page: Pagination,
+) -> ApiResult<Json<Page<HistoryView>>> {
+    let (items, total) = state.store.history(&auth.user.id, page.per_page, page.offset()).await?;
+    Ok(Json(Page {
+        items: items
+            .into_iter()
+            .map(|h| HistoryView {
+                conversation_id: h.conversation_id,
+                title: h.title,
+                last_message: h.last_message,
+                updated_at: rfc3339(h.updated_at),
+            })
+            .collect(),
+        page: page.page,
+        per_page: page.per_page,
+        total,
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    /// `provider/model`.
+    pub id: String,
+    pub provider: String,
+    pub default: bool,
+}
+
+/// The models of the configured providers.
+#[utoipa::path(get, path = "/api/models", tag = "chat", security(("bearer" = [])),
+    responses((status = 200, body = Items<ModelView>), (status = 401, body = ErrorBody)))]
+pub async fn models(State(state): State<Arc<AppState>>, _auth: AuthUser) -> Json<Items<ModelView>> {
+    let items = state
+        .providers
+        .models()
+        .into_iter()
+        .map(|m| ModelView { id: m.id, provider: m.provider, default: m.default })
+        .collect();
+    Json(Items { items })
+}

@@ -1,0 +1,78 @@
+//! API documentation pages. Swagger UI's assets come from the
+//! utoipa-swagger-ui `vendored` feature and ReDoc's script is embedded from
+//! the npm package, so both pages work with no internet access.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    http::header,
+    response::{Html, IntoResponse},
+    routing::get,
+};
+use utoipa::{
+    Modify,
+    openapi::{
+        OpenApi,
+        security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    },
+};
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::AppState;
+
+static REDOC_JS: &[u8] = include_bytes!("../../assets/vendor/redoc/redoc.standalone.js");
+
+const REDOC_PAGE: &str = r#"<!DOCTYPE html>
+<html>
+  <head>
+    <title>Palaver API</title>
+    <meta charset="utf-8"/>
+    <meta name="viewport" content="width=device-width, initial-scale=1">
+    <style>body { margin: 0; padding: 0; }</style>
+  </head>
+  <body>
+    <redoc spec-url="/openapi.json"></redoc>
+    <script src="/redoc/redoc.standalone.js"></script>
+  </body>
+</html>
+"#;
+
+/// Declares the Bearer scheme the `security(("bearer" = []))` paths name.
+pub struct SecurityAddon;
+
+impl Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// `/openapi.json`, `/docs` (Swagger UI) and `/redoc`.
+pub fn routes(openapi: OpenApi) -> Router<Arc<AppState>> {
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .route("/redoc", get(|| async { Html(REDOC_PAGE) }))
+        .route(
+            "/redoc/redoc.standalone.js",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "application/javascript"),
+                        (header::CACHE_CONTROL, "public, max-age=86400"),
+                    ],
+                    REDOC_JS,
+                )
+                    .into_response()
+            }),
+        )
+}
+
+/// The OpenAPI document, as `palaver openapi` prints it.
+pub fn openapi_json() -> String {
+    let (_, openapi) = super::api_routes().split_for_parts();
+    openapi.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

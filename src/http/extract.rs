@@ -1,0 +1,354 @@
+//! Extractors, so that handlers state in their signature what they need:
+//! `AuthUser` (401 before the body is read), `ApiJson<T>` (400/413/415/422
+//! answers in our error format), `Pagination`, `Cursor` and `UuidPath`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{HeaderMap, Method, header, request::Parts},
+};
+use axum_extra::extract::CookieJar;
+use serde::de::DeserializeOwned;
+
+use super::{AppState, error::ApiError};
+use crate::{
+    auth::hash_token,
+    domain::{FieldError, Validator, user::Role},
+    store::{SessionAuth, UserRecord},
+};
+
+pub const SESSION_COOKIE: &str = "palaver_session";
+pub const CSRF_COOKIE: &str = "palaver_csrf";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The caller, authenticated by Bearer access token or session cookie.
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub user: UserRecord,
+    pub session_id: String,
+    /// Authenticated by the session cookie (so cross-site requests could carry it).
+    pub via_cookie: bool,
+}
+
+impl AuthUser {
+    /// 403 unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.contains(&self.user.role) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("forbidden", "Your role does not allow this."))
+        }
+    }
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        if let Some(token) = bearer(&parts.headers) {
+            return authenticate_token(state, token).await;
+        }
+        let jar = CookieJar::from_headers(&parts.headers);
+        let cookie = jar.get(SESSION_COOKIE).ok_or(ApiError::Unauthorized)?;
+        let auth =
+            state.store.session_auth_by_cookie(&hash_token(cookie.value())).await?.ok_or(ApiError::Unauthorized)?;
+        check_csrf(&parts.method, &parts.headers, state, &auth)?;
+        accept(state, auth, true).await
+    }
+}
+
+/// Authenticates an access token (from the Authorization header or, for
+/// WebSockets, `?token=`): well signed, unexpired, and its login session live.
+pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthUser, ApiError> {
+    let claims = state.keys.decode_access(token, state.clock.now_ms()).ok_or(ApiError::Unauthorized)?;
+    let auth = state.store.session_auth_by_id(&claims.sid).await?.ok_or(ApiError::Unauthorized)?;
+    if auth.user.id != claims.sub {
+        return Err(ApiError::Unauthorized);
+    }
+    accept(state, auth, false).await
+}
+
+async fn accept(state: &AppState, auth: SessionAuth, via_cookie: bool) -> Result<AuthUser, ApiError> {
+    let now = state.clock.now_ms();
+    if !auth.is_valid(now) {
+        return Err(ApiError::Unauthorized);
+    }
+    state.store.touch_session(&auth.session, now).await?;
+    Ok(AuthUser { session_id: auth.session.id, user: auth.user, via_cookie })
+}
+
+/// A cookie rides along on cross-site requests, so a state-changing request
+/// authenticated by it must also prove it could read our responses.
+fn check_csrf(method: &Method, headers: &HeaderMap, state: &AppState, auth: &SessionAuth) -> Result<(), ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let presented = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if state.keys.csrf_matches(&auth.session.id, presented) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "csrf_failed",
+            "Cookie-authenticated requests that change state need the X-CSRF-Token header.",
+        ))
+    }
+}
+
+/// A JSON body, with errors in our format: 415 for another content type,
+/// 400 for malformed JSON, 413 past the body limit, 422 naming the field
+/// for wrong types or missing fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bytes = read_body(req, state).await?;
+        match content_type {
+            Some(ct) if is_json(&ct) => {}
+            None if bytes.is_empty() => {}
+            _ => return Err(ApiError::UnsupportedMediaType),
+        }
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads the whole body within `BODY_LIMIT`. A body over the limit is
+/// read on (and thrown away, up to `DRAIN_LIMIT`) before the 413 answer:
+/// answering with unread data in the socket makes the kernel reset the
+/// connection, and the client would never see the 413.
+pub async fn read_body<S: Send + Sync>(req: Request, _state: &S) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = req.into_body();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| ApiError::bad_request("unreadable_body", "The request body could not be read."))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > super::BODY_LIMIT {
+                drain(body).await;
+                return Err(ApiError::PayloadTooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// How much of an oversized body is read and discarded, and for how long.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards the rest of a body, within `DRAIN_LIMIT` and `DRAIN_TIME`.
+pub async fn drain(mut body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let discard = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+}
+
+/// Deserializes JSON, mapping serde's errors onto 400 and 422 answers.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("malformed_json", "A JSON body is required."));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => ApiError::invalid(vec![data_error(&path, &inner)]),
+            _ => ApiError::bad_request("malformed_json", format!("The body is not valid JSON: {inner}.")),
+        }
+    })
+}
+
+fn data_error(path: &str, err: &serde_json::Error) -> FieldError {
+    let text = err.to_string();
+    // serde reports a missing field at its parent's path; name the field.
+    let missing = text
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(|name| if path == "." { name.to_owned() } else { format!("{path}.{name}") });
+    let field = missing.clone().unwrap_or_else(|| if path == "." { "body".to_owned() } else { path.to_owned() });
+    let message = if missing.is_some() {
+        "field required".to_owned()
+    } else {
+        // Drop serde's " at line 1 column 12" position suffix.
+        text.split(" at line ").next().unwrap_or(&text).to_owned()
+    };
+    FieldError::new(field, message)
+}
+
+/// For PATCH bodies: tells an absent field (`None`) from an explicit null
+/// (`Some(None)`). Use with `#[serde(default, deserialize_with = "nullable")]`.
+pub fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// The raw query string as a map; repeated keys keep the last value.
+fn query_map(parts: &Parts) -> Result<HashMap<String, String>, ApiError> {
+    let q = parts.uri.query().unwrap_or("");
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q)
+        .map(|pairs| pairs.into_iter().collect())
+        .map_err(|_| ApiError::bad_request("malformed_query", "The query string could not be parsed."))
+}
+
+fn int_param(v: &mut Validator, q: &HashMap<String, String>, name: &str, default: i64, min: i64, max: i64) -> i64 {
+    let Some(raw) = q.get(name) else { return default };
+    let parsed =
+        raw.trim().parse::<i64>().map_err(|_| "must be an integer".to_owned()).and_then(|n| {
+            if (min..=max).contains(&n) { Ok(n) } else { Err(format!("must be between {min} and {max}")) }
+        });
+    v.check(name, parsed).unwrap_or(default)
+}
+
+/// `?page=1&per_page=20` (per_page at most 100).
+#[derive(Debug, Clone, Copy)]
+pub struct Pagination {
+    pub page: i64,
+    pub per_page: i64,
+}
+
+impl Pagination {
+    pub fn offset(&self) -> i64 {
+        (self.page - 1) * self.per_page
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Pagination {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = query_map(parts)?;
+        let mut v = Validator::new();
+        let page = int_param(&mut v, &q, "page", 1, 1, 1_000_000);
+        let per_page = int_param(&mut v, &q, "per_page", 20, 1, 100);
+        v.finish().map_err(ApiError::invalid)?;
+        Ok(Pagination { page, per_page })
+    }
+}
+
+/// `?limit=50&before=<message id>` for message lists.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    pub limit: i64,
+    pub before: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Cursor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = query_map(parts)?;
+        let mut v = Validator::new();
+        let limit = int_param(&mut v, &q, "limit", 50, 1, 100);
+        v.finish().map_err(ApiError::invalid)?;
+        let before = match q.get("before").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(b) => Some(
+                parse_uuid(b)
+                    .ok_or_else(|| ApiError::invalid_field("invalid_cursor", "before", "must be a message id"))?,
+            ),
+        };
+        Ok(Cursor { limit, before })
+    }
+}
+
+/// A UUID in canonical lowercase form, or None.
+pub fn parse_uuid(s: &str) -> Option<String> {
+    uuid::Uuid::parse_str(s).ok().map(|u| u.to_string())
+}
+
+/// Path parameters that must all be UUIDs; a bad one is a 422 naming it.
+#[derive(Debug, Clone)]
+pub struct UuidPath(pub Vec<String>);
+
+impl UuidPath {
+    pub fn one(&self) -> &str {
+        &self.0[0]
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for UuidPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params =
+            axum::extract::RawPathParams::from_request_parts(parts, state).await.map_err(|_| ApiError::NotFound)?;
+        let mut v = Validator::new();
+        let ids: Vec<String> = params
+            .iter()
+            .filter_map(|(name, value)| v.check(name, parse_uuid(value).ok_or_else(|| "must be a UUID".to_owned())))
+            .collect();
+        v.finish().map_err(ApiError::invalid)?;
+        Ok(UuidPath(ids))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        content: String,
+        n: Option<u32>,
+    }
+
+    fn field_of(e: ApiError) -> (u16, String) {
+        match e {
+            ApiError::Validation { errors, .. } => (422, errors[0].field.clone()),
+            other => (other.status_code().as_u16(), String::new()),
+        }
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        assert_eq!(field_of(parse_json::<Body>(b"{}").unwrap_err()), (422, "content".into()));
+        assert_eq!(field_of(parse_json::<Body>(br#"{"content": 5}"#).unwrap_err()), (422, "content".into()));
+        assert_eq!(field_of(parse_json::<Body>(br#"{"content":"x","n":-1}"#).unwrap_err()), (422, "n".into()));
+        assert_eq!(field_of(parse_json::<Body>(b"7").unwrap_err()), (422, "body".into()));
+        assert_eq!(field_of(parse_json::<Body>(b"[1]").unwrap_err()).0, 422);
+        assert_eq!(field_of(parse_json::<Body>(b"{\"content\":").unwrap_err()).0, 400);
+        assert_eq!(field_of(parse_json::<Body>(b"").unwrap_err()).0, 400);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(field_of(parse_json::<serde_json::Value>(deep.as_bytes()).unwrap_err()).0, 400);
+        assert_eq!(field_of(parse_json::<Body>(deep.as_bytes()).unwrap_err()).0, 422);
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("application/merge-patch+json"));
+        assert!(!is_json("text/plain"));
+    }
+}

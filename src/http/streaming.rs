@@ -1,0 +1,244 @@
+//! Server-sent events for replies: the SSE framing of `POST …/messages`
+//! (with `Accept: text/event-stream`) and `POST /api/chat/stream`, resuming
+//! with `Last-Event-ID`, and cancelling. Event ids are byte offsets into the
+//! reply (`"0"` before any text, `"<n>:end"` on the last event), so a resume
+//! gets exactly the text it missed, live or from the database.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use futures::{Stream, StreamExt, stream};
+use serde_json::{Map, Value, json};
+
+use super::{
+    AppState,
+    chat::ChatBody,
+    conversations::{owned_conversation, validate_message},
+    error::{ApiError, ApiResult},
+    extract::{ApiJson, AuthUser, UuidPath, parse_uuid},
+    views::{ErrorBody, MessageView},
+};
+use crate::{
+    domain::conversation::{MessageRole, MessageStatus},
+    realtime::{
+        ReplyEvent,
+        replies::{self, Sent, Target},
+    },
+    store::MessageRecord,
+};
+
+/// True when the client asked for an event stream.
+pub fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// The `Idempotency-Key` header, scoped to the route family it was sent to.
+pub fn idempotency_key(headers: &HeaderMap, scope: &str) -> ApiResult<Option<String>> {
+    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = raw.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= 200).ok_or_else(|| {
+        ApiError::invalid_field("validation_error", "Idempotency-Key", "must be 1 to 200 visible ASCII characters")
+    })?;
+    Ok(Some(format!("{scope}:{key}")))
+}
+
+/// The error a failed reply answers with: 504 for a timeout, else 502.
+pub fn reply_failure(message: &MessageRecord, extra: Map<String, Value>) -> ApiError {
+    let code = message.error_code.clone().unwrap_or_else(|| "provider_error".into());
+    let detail = match code.as_str() {
+        "provider_timeout" => "The AI provider did not answer in time.".to_owned(),
+        "interrupted" => "The reply was interrupted because the server stopped.".to_owned(),
+        _ => format!("The AI provider failed: {}.", message.error.as_deref().unwrap_or("unknown error")),
+    };
+    ApiError::ReplyFailed { code, detail, extra }
+}
+
+/// Waits for the reply of a send and answers as the synchronous API does.
+pub async fn await_reply(state: &Arc<AppState>, sent: &Sent) -> ApiResult<MessageRecord> {
+    let done = replies::finished(state.clone(), sent.assistant_message.clone())
+        .await
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
+    if done.status == MessageStatus::Failed {
+        let mut extra = Map::new();
+        extra.insert("user_message".into(), json!(MessageView::from(&sent.user_message)));
+        extra.insert("assistant_message".into(), json!(MessageView::from(done.as_ref())));
+        return Err(reply_failure(&done, extra));
+    }
+    Ok(done.as_ref().clone())
+}
+
+fn event(name: &str, id: String, data: Value) -> Event {
+    Event::default().event(name).id(id).data(data.to_string())
+}
+
+/// The SSE events of a reply from byte `from`: deltas, then `done` (or
+/// `error` for a failed reply).
+fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> impl Stream<Item = Event> + Send {
+    let message_id = assistant.id.clone();
+    replies::follow(state, assistant, from).map(move |e| match e {
+        ReplyEvent::Delta { text, offset } => {
+            event("delta", offset.to_string(), json!({ "message_id": message_id, "text": text }))
+        }
+        ReplyEvent::Finished(m) => {
+            let id = format!("{}:end", m.content.len());
+            if m.status == MessageStatus::Failed {
+                let e = reply_failure(&m, Map::new());
+                event("error", id, json!({ "detail": e.detail(), "code": e.code() }))
+            } else {
+                event("done", id, json!(MessageView::from(m.as_ref())))
+            }
+        }
+    })
+}
+
+fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
+    let body = events.map(Ok::<_, Infallible>);
+    let mut response = Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    // Proxies (nginx) must not buffer the stream.
+    response.headers_mut().insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+    response
+}
+
+/// `conversation` (optional) → `user_message` → `delta`… → `done` | `error`.
+pub fn send_events(state: Arc<AppState>, sent: Sent, with_conversation: bool) -> Response {
+    let mut head = Vec::new();
+    if with_conversation {
+        head.push(event("conversation", "0".into(), json!({ "id": sent.conversation_id })));
+    }
+    // The reply's id rides along, so a client that drops right away can
+    // resume it without listing the messages.
+    let mut user_message = json!(MessageView::from(&sent.user_message));
+    user_message["assistant_message_id"] = json!(sent.assistant_message.id);
+    head.push(event("user_message", "0".into(), user_message));
+    sse(stream::iter(head).chain(reply_events(state, sent.assistant_message, 0)))
+}
+
+/// The same, framed for `POST /api/chat/stream`.
+#[utoipa::path(post, path = "/api/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
+    params(("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`conversation` → `user_message` → `delta`… → `done` | `error`"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn chat_stream(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> ApiResult<Response> {
+    let sent = super::chat::send_chat(&state, &auth, &headers, body).await?;
+    Ok(send_events(state, sent, true))
+}
+
+/// The byte offset named by a `Last-Event-ID` (`"123"` or `"123:end"`).
+fn resume_offset(headers: &HeaderMap) -> ApiResult<Option<usize>> {
+    let Some(raw) = headers.get("last-event-id") else { return Ok(None) };
+    let text = raw.to_str().unwrap_or("").trim();
+    let digits = text.split(':').next().unwrap_or("");
+    digits
+        .parse::<usize>()
+        .map(Some)
+        .map_err(|_| ApiError::invalid_field("invalid_event_id", "Last-Event-ID", "is not an event id of this stream"))
+}
+
+/// Resume a reply's stream: the events after `Last-Event-ID`, then the live
+/// rest; a finished reply replays whole.
+#[utoipa::path(get, path = "/api/conversations/{id}/messages/{message_id}/stream", tag = "conversations",
+    security(("bearer" = [])),
+    params(("id" = String, Path), ("message_id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, content_type = "text/event-stream", description = "`delta`… → `done` | `error`"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    ids: UuidPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let message = assistant_message(&state, &auth, &ids).await?;
+    let from = resume_offset(&headers)?.unwrap_or(0);
+    Ok(sse(reply_events(state, message, from)))
+}
+
+async fn assistant_message(state: &AppState, auth: &AuthUser, ids: &UuidPath) -> ApiResult<MessageRecord> {
+    let conversation = owned_conversation(state, auth, &ids.0[0]).await?;
+    match state.store.message(&conversation.id, &ids.0[1]).await? {
+        Some(m) if m.role == MessageRole::Assistant => Ok(m),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+/// Stop a reply that is being generated; it is stored as `cancelled` with
+/// the text it had. A finished reply answers 409.
+#[utoipa::path(post, path = "/api/conversations/{id}/messages/{message_id}/cancel", tag = "conversations",
+    security(("bearer" = [])), params(("id" = String, Path), ("message_id" = String, Path)),
+    responses((status = 200, body = MessageView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn cancel(State(state): State<Arc<AppState>>, auth: AuthUser, ids: UuidPath) -> ApiResult<Json<MessageView>> {
+    let message = assistant_message(&state, &auth, &ids).await?;
+    if message.status != MessageStatus::Streaming || !replies::cancel(&state, &message.id).await? {
+        return Err(ApiError::conflict("not_streaming", "This reply is not being generated any more."));
+    }
+    let done = replies::finished(state.clone(), message)
+        .await
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
+    Ok(Json(MessageView::from(done.as_ref())))
+}
+
+/// `201 {user_message, assistant_message}` or the SSE stream.
+pub async fn post_message_response(state: Arc<AppState>, headers: &HeaderMap, sent: Sent) -> ApiResult<Response> {
+    if wants_sse(headers) {
+        return Ok(send_events(state, sent, false));
+    }
+    let assistant = await_reply(&state, &sent).await?;
+    let body = json!({
+        "user_message": MessageView::from(&sent.user_message),
+        "assistant_message": MessageView::from(&assistant),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Checks a chat body and sends it (creating the conversation if needed).
+pub async fn parse_chat_target(state: &AppState, auth: &AuthUser, conversation_id: Option<&str>) -> ApiResult<Target> {
+    match conversation_id {
+        None => Ok(Target::New),
+        Some(id) => {
+            let id = parse_uuid(id).ok_or_else(|| {
+                ApiError::invalid(vec![crate::domain::FieldError::new("conversation_id", "must be a UUID")])
+            })?;
+            Ok(Target::Existing(owned_conversation(state, auth, &id).await?))
+        }
+    }
+}
+
+/// Validates and sends a message body for the conversation routes.
+pub async fn send_to_conversation(
+    state: &Arc<AppState>,
+    auth: &AuthUser,
+    headers: &HeaderMap,
+    conversation_id: &str,
+    content: String,
+    model: Option<String>,
+) -> ApiResult<Sent> {
+    let conversation = owned_conversation(state, auth, conversation_id).await?;
+    let (content, model) = validate_message(state, "content", content, model)?;
+    replies::send(
+        state,
+        replies::SendRequest {
+            user_id: auth.user.id.clone(),
+            target: Target::Existing(conversation),
+            content,
+            model,
+            idempotency_key: idempotency_key(headers, "messages")?,
+        },
+    )
+    .await
+}

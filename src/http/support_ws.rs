@@ -1,0 +1,433 @@
+//! The support desk's sockets. `GET /ws/support/{session_id}?token=<client
+//! token>` for the visitor and `GET /ws/agent?token=<access token>` for
+//! agents. Both take `?since=<event id>` and first replay what the event log
+//! holds after it, then deliver live events from the bus; an event id gap
+//! or a bus resync re-reads the log, so nothing is missed or doubled.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{
+        Path, Query, State,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
+    },
+    response::{IntoResponse, Response},
+};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use super::{
+    AppState,
+    error::ApiError,
+    extract::{authenticate_token, parse_uuid},
+    views::ErrorBody,
+};
+use crate::{
+    domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
+    realtime::{
+        bus::{BusEvent, BusMessage},
+        support::{self as desk, session_json},
+    },
+    store::SupportEventRecord,
+};
+
+const OUTGOING_QUEUE: usize = 256;
+const HEARTBEAT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Deserialize)]
+pub struct SocketQuery {
+    token: Option<String>,
+    since: Option<String>,
+}
+
+fn since(q: &SocketQuery) -> Result<i64, ApiError> {
+    match q.since.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::invalid_field("invalid_event_id", "since", "must be an event id")),
+    }
+}
+
+/// The visitor's socket.
+#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support",
+    params(("session_id" = String, Path), ("token" = String, Query, description = "The session's client token"),
+        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn client_socket(
+    State(state): State<Arc<AppState>>,
+    Path(session_id): Path<String>,
+    Query(q): Query<SocketQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let opened = async {
+        let id = parse_uuid(&session_id).ok_or(ApiError::NotFound)?;
+        let token = q.token.as_deref().ok_or(ApiError::Unauthorized)?;
+        let s = desk::session_for_client(&state, &id, token).await?;
+        Ok::<_, ApiError>((s, since(&q)?))
+    };
+    match opened.await {
+        Err(e) => e.into_response(),
+        Ok((s, since)) => upgrade
+            .max_message_size(super::BODY_LIMIT)
+            .on_upgrade(move |socket| run(state, Side::Client { session_id: s.id }, socket, since)),
+    }
+}
+
+/// The agent console's socket.
+#[utoipa::path(get, path = "/ws/agent", tag = "support",
+    params(("token" = String, Query, description = "Access token of an agent or admin"),
+        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn agent_socket(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<SocketQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let opened = async {
+        let token = q.token.as_deref().ok_or(ApiError::Unauthorized)?;
+        let user = authenticate_token(&state, token).await?;
+        user.require(&[Role::Agent, Role::Admin])?;
+        Ok::<_, ApiError>((user, since(&q)?))
+    };
+    match opened.await {
+        Err(e) => e.into_response(),
+        Ok((user, since)) => upgrade.max_message_size(super::BODY_LIMIT).on_upgrade(move |socket| {
+            run(state, Side::Agent { id: user.user.id, admin: user.user.role == Role::Admin }, socket, since)
+        }),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Side {
+    Client { session_id: String },
+    Agent { id: String, admin: bool },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Frame {
+    Message { content: Value, session_id: Option<String> },
+    RequestHuman,
+    ClaimSession { session_id: String },
+    CloseSession { session_id: String },
+    Ping,
+}
+
+type Out = mpsc::Sender<Message>;
+
+fn send(out: &Out, frame: Value) -> bool {
+    out.try_send(Message::Text(Utf8Bytes::from(frame.to_string()))).is_ok()
+}
+
+fn send_error(out: &Out, e: &ApiError) {
+    send(out, json!({ "type": "error", "detail": e.detail(), "code": e.code() }));
+}
+
+async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
+    let kind = if matches!(side, Side::Client { .. }) { "support_client" } else { "support_agent" };
+    metrics::gauge!("palaver_open_sockets", "kind" => kind).increment(1.0);
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
+    // Subscribe before replaying, so nothing falls between the two.
+    let mut bus = state.support.bus.subscribe();
+    let writer = tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        let closing = matches!(m, Message::Close(_));
+                        // Bounded: a visitor who stops reading is dropped, and
+                        // can reconnect with ?since= for what it missed.
+                        let sent = tokio::time::timeout(HEARTBEAT, sink.send(m)).await;
+                        if !matches!(sent, Ok(Ok(()))) || closing { break }
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+
+    let mut seen = Seen::starting_at(since);
+    let mut alive = replay(&state, &side, &out, &mut seen).await && greet(&state, &side, &out).await;
+    while alive {
+        tokio::select! {
+            incoming = tokio::time::timeout(HEARTBEAT * 3, stream.next()) => {
+                let text = match incoming {
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                    Ok(Some(Ok(Message::Binary(_)))) => {
+                        send_error(&out, &ApiError::bad_request("bad_frame", "Frames are JSON text."));
+                        continue;
+                    }
+                    _ => break,
+                };
+                match serde_json::from_str::<Frame>(text.as_str()) {
+                    Ok(frame) => handle(&state, &side, &out, frame),
+                    Err(e) => send_error(&out, &ApiError::bad_request("bad_frame", format!("Unreadable frame: {e}."))),
+                }
+            }
+            msg = bus.recv() => {
+                alive = match msg {
+                    Ok(BusMessage::Event(e)) => deliver(&state, &side, &out, e, &mut seen).await,
+                    Ok(BusMessage::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        replay(&state, &side, &out, &mut seen).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+            }
+        }
+    }
+    drop(out);
+    let _ = writer.await;
+    metrics::gauge!("palaver_open_sockets", "kind" => kind).decrement(1.0);
+}
+
+/// Which logged events a socket has been sent. Event ids are allocated
+/// before their transactions commit, so on PostgreSQL a lower id can become
+/// visible after a higher one: a high-water mark alone could skip it, so the
+/// recent ids delivered are remembered too.
+struct Seen {
+    high: i64,
+    recent: std::collections::BTreeSet<i64>,
+}
+
+impl Seen {
+    const REMEMBERED: usize = 4096;
+
+    fn starting_at(since: i64) -> Self {
+        Self { high: since, recent: Default::default() }
+    }
+
+    /// Records `seq`; false if it was delivered before.
+    fn first_time(&mut self, seq: i64) -> bool {
+        if seq <= self.high - Self::REMEMBERED as i64 || !self.recent.insert(seq) {
+            return false;
+        }
+        if self.recent.len() > Self::REMEMBERED {
+            self.recent.pop_first();
+        }
+        self.high = self.high.max(seq);
+        true
+    }
+
+    /// Where a log read starts: a little before the high-water mark, to pick
+    /// up late commits (what was delivered already is skipped).
+    fn read_from(&self) -> i64 {
+        self.recent.first().map_or(self.high, |low| (low - 1).max(self.high - 64))
+    }
+}
+
+/// Sends the log's events not delivered yet that concern this side.
+async fn replay(state: &AppState, side: &Side, out: &Out, seen: &mut Seen) -> bool {
+    let from = seen.read_from();
+    let events = match side {
+        Side::Client { session_id } => state.store.support_events_since(Some(session_id), None, from).await,
+        Side::Agent { id, .. } => state.store.support_events_since(None, Some(id), from).await,
+    };
+    let Ok(events) = events else { return true };
+    for e in events {
+        if seen.first_time(e.seq) && !send_logged(state, side, out, &e).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// A logged event as this side's frame; false when the socket should end.
+async fn send_logged(state: &AppState, side: &Side, out: &Out, e: &SupportEventRecord) -> bool {
+    let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
+    frame_for(state, side, out, &e.session_id, &e.kind, payload, Some(e.seq)).await
+}
+
+async fn frame_for(
+    state: &AppState,
+    side: &Side,
+    out: &Out,
+    session_id: &str,
+    kind: &str,
+    payload: Value,
+    seq: Option<i64>,
+) -> bool {
+    match (side, kind) {
+        (Side::Client { .. }, "message") => {
+            send(out, json!({ "type": "message", "message": payload, "event_id": seq }))
+        }
+        (Side::Client { .. }, "delta") => {
+            send(out, json!({ "type": "delta", "message_id": payload["message_id"], "text": payload["text"] }))
+        }
+        (Side::Client { .. }, "status") => {
+            let ok = send(out, status_frame(&payload, seq));
+            if payload["status"] == "closed" {
+                let reason = Utf8Bytes::from_static("support session closed");
+                let _ = out.try_send(Message::Close(Some(CloseFrame { code: 1000, reason })));
+                return false;
+            }
+            ok
+        }
+        (Side::Agent { .. }, "message") => {
+            send(out, json!({ "type": "message", "session_id": session_id, "message": payload, "event_id": seq }))
+        }
+        (Side::Agent { .. }, "status") => send(out, json!({ "type": "session", "session": payload, "event_id": seq })),
+        (_, "queue") => queue_update(state, side, out).await,
+        _ => true,
+    }
+}
+
+/// The visitor's `status` frame, from a session's JSON.
+fn status_frame(session: &Value, seq: Option<i64>) -> Value {
+    json!({
+        "type": "status",
+        "status": session["status"],
+        "queue_position": session["queue_position"],
+        "estimated_wait_seconds": session["estimated_wait_seconds"],
+        "agent": session["assigned_agent"],
+        "event_id": seq,
+    })
+}
+
+/// Delivers a live bus event, after anything older the log has that this
+/// socket has not seen (so order holds across a missed event).
+async fn deliver(state: &AppState, side: &Side, out: &Out, e: BusEvent, seen: &mut Seen) -> bool {
+    let concerns_me = match side {
+        Side::Client { session_id } => e.kind == "queue" || e.session_id == *session_id,
+        Side::Agent { id, .. } => match e.kind.as_str() {
+            "queue" | "status" => true,
+            _ => e.agent_id.as_deref() == Some(id.as_str()),
+        },
+    };
+    if !concerns_me {
+        return true;
+    }
+    if let Some(seq) = e.seq {
+        if seq > seen.high + 1 && !replay(state, side, out, seen).await {
+            return false;
+        }
+        if !seen.first_time(seq) {
+            return true;
+        }
+    }
+    frame_for(state, side, out, &e.session_id, &e.kind, e.payload, e.seq).await
+}
+
+/// On connect: the client's current status, or the agent's queue snapshot.
+async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
+    match side {
+        Side::Client { session_id } => match state.store.support_session(session_id).await {
+            Ok(Some(s)) => {
+                let Ok(payload) = session_json(state, &s).await else { return true };
+                frame_for(state, side, out, session_id, "status", payload, None).await
+            }
+            _ => false,
+        },
+        Side::Agent { .. } => queue_update(state, side, out).await,
+    }
+}
+
+/// The queue changed: agents get a snapshot, a queued visitor their position.
+async fn queue_update(state: &AppState, side: &Side, out: &Out) -> bool {
+    match side {
+        Side::Agent { .. } => {
+            let Ok(queue) = state.store.support_queue().await else { return true };
+            let mut items = Vec::with_capacity(queue.len());
+            for s in &queue {
+                if let Ok(v) = session_json(state, s).await {
+                    items.push(v);
+                }
+            }
+            send(out, json!({ "type": "queue", "items": items }))
+        }
+        Side::Client { session_id } => match state.store.support_session(session_id).await {
+            Ok(Some(s)) if s.status == SupportStatus::Queued => {
+                let Ok(payload) = session_json(state, &s).await else { return true };
+                send(out, status_frame(&payload, None))
+            }
+            _ => true,
+        },
+    }
+}
+
+/// Acts on a frame from the socket in its own task (an AI reply may take a
+/// while); results reach the socket through the bus like everyone else's.
+fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
+    let (state, side, out) = (state.clone(), side.clone(), out.clone());
+    tokio::spawn(async move {
+        let result = match (&side, frame) {
+            (_, Frame::Ping) => {
+                send(&out, json!({ "type": "pong" }));
+                Ok(())
+            }
+            (Side::Client { session_id }, Frame::Message { content, .. }) => {
+                client_message(&state, session_id, content).await
+            }
+            (Side::Client { session_id }, Frame::RequestHuman) => match state.store.support_session(session_id).await {
+                Ok(Some(s)) => desk::handoff(&state, &s).await.map(|_| ()),
+                Ok(None) => Err(ApiError::NotFound),
+                Err(e) => Err(e.into()),
+            },
+            (Side::Agent { id, .. }, Frame::ClaimSession { session_id }) => {
+                desk::claim(&state, id, &session_id).await.map(|_| ())
+            }
+            (Side::Agent { id, .. }, Frame::Message { content, session_id: Some(session_id) }) => {
+                match parse_content(&state, content) {
+                    Ok(c) => desk::agent_send(&state, id, &session_id, c).await.map(|_| ()),
+                    Err(e) => Err(e),
+                }
+            }
+            (Side::Agent { id, admin }, Frame::CloseSession { session_id }) => {
+                desk::close(&state, id, *admin, &session_id).await.map(|_| ())
+            }
+            _ => Err(ApiError::bad_request("bad_frame", "This frame is not for this socket.")),
+        };
+        if let Err(e) = result {
+            send_error(&out, &e);
+        }
+    });
+}
+
+fn parse_content(state: &AppState, content: Value) -> Result<MessageContent, ApiError> {
+    let mut v = Validator::new();
+    let text = match content {
+        Value::String(s) => s,
+        _ => {
+            v.error("content", "must be a string");
+            String::new()
+        }
+    };
+    let c = if v.is_ok() {
+        v.check("content", MessageContent::parse(text, state.settings.max_message_chars as usize))
+    } else {
+        None
+    };
+    v.finish().map_err(ApiError::invalid)?;
+    Ok(c.expect("validated above"))
+}
+
+async fn client_message(state: &Arc<AppState>, session_id: &str, content: Value) -> Result<(), ApiError> {
+    let content = parse_content(state, content)?;
+    let s = state.store.support_session(session_id).await?.ok_or(ApiError::NotFound)?;
+    desk::client_send(state, &s, content, None).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    #[test]
+    fn late_lower_ids_are_delivered_once() {
+        let mut seen = Seen::starting_at(10);
+        assert!(seen.first_time(12));
+        assert!(seen.first_time(11), "a lower id that committed late still counts");
+        assert!(!seen.first_time(12));
+        assert!(!seen.first_time(11));
+        assert_eq!(seen.high, 12);
+        assert!(seen.read_from() <= 10);
+    }
+}

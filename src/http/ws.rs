@@ -1,0 +1,305 @@
+//! The chat WebSocket `/api/ws` (SPEC §3): `message`, `cancel` and `ping`
+//! frames in; `user_message`, `delta`, `done`, `error` and `pong` out, each
+//! tagged with the client's `request_id`. Replies run detached (a dropped
+//! socket does not stop them); `request_id` is an idempotency key, so a
+//! client that resends after reconnecting re-attaches instead of sending
+//! twice. Every socket has a bounded outgoing queue: a client that does not
+//! read is closed with code 4008 and can resume over SSE.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    extract::{
+        FromRequestParts, State,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
+    },
+    http::{HeaderMap, header, request::Parts},
+    response::Response,
+};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AppState,
+    conversations::validate_message,
+    error::ApiError,
+    extract::{AuthUser, authenticate_token},
+    streaming::{parse_chat_target, reply_failure},
+    views::{ErrorBody, MessageView},
+};
+use crate::{
+    domain::conversation::MessageStatus,
+    realtime::{
+        ReplyEvent,
+        replies::{self, SendRequest},
+    },
+};
+
+/// Frames queued for one socket before it counts as a slow consumer.
+const OUTGOING_QUEUE: usize = 256;
+/// Server heartbeat: a ping this often; no frame from the client for
+/// three intervals closes the socket.
+const HEARTBEAT: Duration = Duration::from_secs(20);
+/// Close code for a client that does not read its frames.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// Authentication for sockets: `?token=<access_token>`, a Bearer header, or
+/// the session cookie (then only from an allowed origin: a cookie rides
+/// along on cross-site socket handshakes too).
+pub struct SocketUser(pub AuthUser);
+
+impl FromRequestParts<Arc<AppState>> for SocketUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let query: Vec<(String, String)> =
+            serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).unwrap_or_default();
+        if let Some((_, token)) = query.iter().find(|(k, _)| k == "token") {
+            return authenticate_token(state, token).await.map(SocketUser);
+        }
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        if user.via_cookie && !origin_allowed(&parts.headers, state) {
+            return Err(ApiError::forbidden(
+                "origin_not_allowed",
+                "This origin may not open sockets with the session cookie.",
+            ));
+        }
+        Ok(SocketUser(user))
+    }
+}
+
+fn origin_allowed(headers: &HeaderMap, state: &AppState) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let same_host = origin.split("://").nth(1).is_some_and(|h| h.eq_ignore_ascii_case(host));
+    same_host || state.settings.cors_origins().iter().any(|o| o == origin)
+}
+
+/// Chat over a WebSocket.
+#[utoipa::path(get, path = "/api/ws", tag = "chat", security(("bearer" = [])),
+    params(("token" = Option<String>, Query, description = "Access token, for clients that cannot set headers")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 401, body = ErrorBody)))]
+pub async fn chat_socket(
+    State(state): State<Arc<AppState>>,
+    SocketUser(user): SocketUser,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade.max_message_size(super::BODY_LIMIT).on_upgrade(move |socket| run(state, user, socket))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Message { request_id: Option<String>, conversation_id: Option<String>, content: Value, model: Option<String> },
+    Cancel { request_id: String },
+    Ping,
+}
+
+/// The sending half of a socket, shared by the tasks that feed it.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Message>,
+    /// Set when the queue overflowed: the socket is closed as slow.
+    overflow: CancellationToken,
+}
+
+impl Outbox {
+    /// Queues a frame; false when the socket is gone or too far behind.
+    fn send(&self, frame: Value) -> bool {
+        match self.tx.try_send(Message::Text(Utf8Bytes::from(frame.to_string()))) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn error(&self, request_id: Option<&str>, e: &ApiError) -> bool {
+        self.send(json!({ "type": "error", "request_id": request_id, "detail": e.detail(), "code": e.code() }))
+    }
+}
+
+async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
+    metrics::gauge!("palaver_open_sockets", "kind" => "chat").increment(1.0);
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
+    let outbox = Outbox { tx, overflow: CancellationToken::new() };
+    let requests: Arc<Mutex<HashMap<String, String>>> = Default::default();
+    let closed = CancellationToken::new();
+
+    let writer = {
+        let overflow = outbox.overflow.clone();
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            heartbeat.tick().await;
+            loop {
+                tokio::select! {
+                    _ = overflow.cancelled() => break,
+                    _ = closed.cancelled() => break,
+                    _ = heartbeat.tick() => {
+                        if sink.send(Message::Ping(Default::default())).await.is_err() { break; }
+                    }
+                    msg = rx.recv() => match msg {
+                        // A client that stops reading blocks this send; the
+                        // overflow signal must still reach the socket.
+                        Some(m) => tokio::select! {
+                            sent = sink.send(m) => if sent.is_err() { break },
+                            _ = overflow.cancelled() => break,
+                            _ = closed.cancelled() => break,
+                        },
+                        None => break,
+                    },
+                }
+            }
+            if overflow.is_cancelled() {
+                // Told once the client reads again; given up on after a while.
+                let reason = Utf8Bytes::from_static("slow consumer: resume with GET .../messages/{id}/stream");
+                let close = Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason }));
+                let _ = tokio::time::timeout(HEARTBEAT, sink.send(close)).await;
+            }
+            closed.cancel();
+        })
+    };
+
+    loop {
+        let next = tokio::select! {
+            _ = closed.cancelled() => break,
+            n = tokio::time::timeout(HEARTBEAT * 3, stream.next()) => n,
+        };
+        let text = match next {
+            Err(_) | Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Binary(_)))) => {
+                outbox.error(None, &ApiError::bad_request("bad_frame", "Frames are JSON text."));
+                continue;
+            }
+            Ok(Some(Ok(_))) => continue, // ping/pong: axum answers pings itself
+        };
+        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                let request_id = serde_json::from_str::<Value>(text.as_str())
+                    .ok()
+                    .and_then(|v| v.get("request_id").and_then(Value::as_str).map(str::to_owned));
+                let err = ApiError::bad_request("bad_frame", format!("Unreadable frame: {e}."));
+                outbox.error(request_id.as_deref(), &err);
+                continue;
+            }
+        };
+        match frame {
+            ClientFrame::Ping => {
+                outbox.send(json!({ "type": "pong" }));
+            }
+            ClientFrame::Cancel { request_id } => {
+                let message_id = requests.lock().expect("requests lock").get(&request_id).cloned();
+                let cancelled = match message_id {
+                    Some(id) => replies::cancel(&state, &id).await.unwrap_or(false),
+                    None => false,
+                };
+                if !cancelled {
+                    let e = ApiError::conflict("not_streaming", "No reply of this request is being generated.");
+                    outbox.error(Some(&request_id), &e);
+                }
+            }
+            ClientFrame::Message { request_id, conversation_id, content, model } => {
+                let request_id = request_id.filter(|r| !r.is_empty() && r.len() <= 200);
+                let task = handle_message(
+                    state.clone(),
+                    user.clone(),
+                    outbox.clone(),
+                    requests.clone(),
+                    request_id,
+                    conversation_id,
+                    content,
+                    model,
+                );
+                tokio::spawn(task);
+            }
+        }
+    }
+    closed.cancel();
+    let _ = writer.await;
+    metrics::gauge!("palaver_open_sockets", "kind" => "chat").decrement(1.0);
+}
+
+/// Sends one message and forwards its reply's events as frames.
+#[allow(clippy::too_many_arguments)]
+async fn handle_message(
+    state: Arc<AppState>,
+    user: AuthUser,
+    outbox: Outbox,
+    requests: Arc<Mutex<HashMap<String, String>>>,
+    request_id: Option<String>,
+    conversation_id: Option<String>,
+    content: Value,
+    model: Option<String>,
+) {
+    let rid = request_id.as_deref();
+    let sent = async {
+        let Value::String(content) = content else {
+            return Err(ApiError::invalid(vec![crate::domain::FieldError::new("content", "must be a string")]));
+        };
+        let (content, model) = validate_message(&state, "content", content, model)?;
+        let target = parse_chat_target(&state, &user, conversation_id.as_deref()).await?;
+        let req = SendRequest {
+            user_id: user.user.id.clone(),
+            target,
+            content,
+            model,
+            idempotency_key: request_id.as_ref().map(|r| format!("ws:{r}")),
+        };
+        replies::send(&state, req).await
+    }
+    .await;
+    let sent = match sent {
+        Ok(s) => s,
+        Err(e) => {
+            outbox.error(rid, &e);
+            return;
+        }
+    };
+    let message_id = sent.assistant_message.id.clone();
+    if let Some(r) = &request_id {
+        requests.lock().expect("requests lock").insert(r.clone(), message_id.clone());
+    }
+    if !outbox.send(json!({
+        "type": "user_message",
+        "request_id": rid,
+        "message": MessageView::from(&sent.user_message),
+        "assistant_message_id": message_id,
+    })) {
+        return;
+    }
+    let events = replies::follow(state.clone(), sent.assistant_message, 0);
+    tokio::pin!(events);
+    while let Some(event) = events.next().await {
+        let ok = match event {
+            ReplyEvent::Delta { text, .. } => {
+                outbox.send(json!({ "type": "delta", "request_id": rid, "message_id": message_id, "text": text }))
+            }
+            ReplyEvent::Finished(m) if m.status == MessageStatus::Failed => {
+                outbox.error(rid, &reply_failure(&m, Default::default()))
+            }
+            ReplyEvent::Finished(m) => {
+                outbox.send(json!({ "type": "done", "request_id": rid, "message": MessageView::from(m.as_ref()) }))
+            }
+        };
+        if !ok {
+            break;
+        }
+    }
+    if let Some(r) = &request_id {
+        requests.lock().expect("requests lock").remove(r);
+    }
+}

@@ -1,0 +1,16 @@
+//! Palaver: a self-hostable AI chatbot backend in one binary.
+//!
+//! Layers are folders: `http` (routes, extractors, error mapping), `domain`
+//! (types and rules, no HTTP or SQL), `store` (all SQL, SQLite and Postgres),
+//! `providers` (one file per LLM wire format). `startup` wires them together.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod providers;
+pub mod realtime;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,299 @@
+//! One model's call, made resilient: the per-attempt deadline for the first
+//! event (PALAVER_PROVIDER_TIMEOUT) and the idle timeout between events
+//! after it, retries with backoff before the first delta, the
+//! final usage (estimated when the provider reports none) and the metrics.
+//!
+//! An attempt counts as started once its first event has arrived; until
+//! then any retryable failure (connection, 429, 5xx) tries again, after
+//! that every failure ends the reply, since the caller has shown text.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use futures::{StreamExt, stream};
+use rand::Rng;
+use tokio::time::{Instant, timeout_at};
+
+use super::{ChatEvent, ChatProvider, ChatRequest, ChatStream, ProviderError, Usage};
+use crate::domain::{
+    context::{ChatMessage, estimate_tokens},
+    conversation::ModelId,
+};
+
+/// Timeouts and retries for every provider call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallPolicy {
+    /// Longest one attempt may take, first byte to last.
+    pub attempt_timeout: Duration,
+    /// Longest wait for the first event and between two events.
+    pub idle_timeout: Duration,
+    /// Attempts after the first, for retryable failures.
+    pub retries: u32,
+    /// The first backoff; each further one doubles (with jitter).
+    pub backoff: Duration,
+}
+
+/// Longest backoff between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Per-message overhead of the chat formats, as the context budget counts it.
+const MESSAGE_OVERHEAD_TOKENS: usize = 4;
+/// Distinct model labels kept in metrics; clients may name any model, and
+/// each label set costs memory forever.
+const MAX_MODEL_LABELS: usize = 200;
+
+/// Our estimate of a prompt's size, for providers that report none.
+pub fn estimate_prompt_tokens(messages: &[ChatMessage]) -> i64 {
+    messages.iter().map(|m| estimate_tokens(&m.content) + MESSAGE_OVERHEAD_TOKENS).sum::<usize>() as i64
+}
+
+#[derive(Clone)]
+struct Labels {
+    provider: String,
+    model: String,
+}
+
+impl Labels {
+    fn of(model: &ModelId) -> Self {
+        static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+        let mut seen = SEEN.get_or_init(Default::default).lock().expect("labels lock poisoned");
+        let id = model.to_string();
+        let known = seen.contains(&id) || (seen.len() < MAX_MODEL_LABELS && seen.insert(id));
+        let name = if known { model.model().to_owned() } else { "other".to_owned() };
+        Self { provider: model.provider().to_owned(), model: name }
+    }
+
+    fn pairs(&self) -> [(&'static str, String); 2] {
+        [("provider", self.provider.clone()), ("model", self.model.clone())]
+    }
+
+    fn call(&self) {
+        metrics::counter!("palaver_provider_calls_total", &self.pairs()).increment(1);
+    }
+
+    fn error(&self, e: &ProviderError) {
+        let [p, m] = self.pairs();
+        metrics::counter!("palaver_provider_errors_total", &[p, m, ("kind", error_kind(e).to_owned())]).increment(1);
+    }
+
+    fn latency(&self, since: Instant) {
+        metrics::histogram!("palaver_provider_latency_seconds", &self.pairs()).record(since.elapsed().as_secs_f64());
+    }
+
+    fn first_token(&self, since: Instant) {
+        metrics::histogram!("palaver_provider_ttft_seconds", &self.pairs()).record(since.elapsed().as_secs_f64());
+    }
+
+    fn tokens(&self, usage: &Usage) {
+        for (direction, n) in [("in", usage.prompt_tokens), ("out", usage.completion_tokens)] {
+            let [p, m] = self.pairs();
+            metrics::counter!("palaver_tokens_total", &[p, m, ("direction", direction.to_owned())])
+                .increment(n.max(0) as u64);
+        }
+    }
+}
+
+/// The `kind` label of `palaver_provider_errors_total`.
+pub fn error_kind(e: &ProviderError) -> &'static str {
+    match e {
+        ProviderError::Timeout => "timeout",
+        ProviderError::Connect(_) => "connect",
+        ProviderError::Auth(_) => "auth",
+        ProviderError::RateLimited { .. } => "rate_limited",
+        ProviderError::Upstream { status, .. } if *status >= 500 => "server_error",
+        ProviderError::Upstream { .. } => "bad_request",
+        ProviderError::Protocol(_) => "protocol",
+    }
+}
+
+/// How long to wait before trying again after `error`, or `None` when
+/// trying again cannot help (or would wait past one attempt's timeout).
+fn retry_delay(error: &ProviderError, attempt: u32, policy: &CallPolicy) -> Option<Duration> {
+    match error {
+        ProviderError::Connect(_) | ProviderError::RateLimited { retry_after: None } => Some(backoff(attempt, policy)),
+        ProviderError::Upstream { status, .. } if *status >= 500 || *status == 408 => Some(backoff(attempt, policy)),
+        ProviderError::RateLimited { retry_after: Some(wait) } => (*wait <= policy.attempt_timeout).then_some(*wait),
+        _ => None,
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the step fixed, half random,
+/// so clients that failed together do not come back together.
+fn backoff(attempt: u32, policy: &CallPolicy) -> Duration {
+    let step = policy.backoff.saturating_mul(2u32.saturating_pow(attempt)).min(MAX_BACKOFF);
+    let half = step / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// Starts `model` on `adapter`, retrying as the policy allows, and answers
+/// once the first event has arrived.
+pub async fn start(
+    adapter: &Arc<dyn ChatProvider>,
+    model: &ModelId,
+    messages: &[ChatMessage],
+    policy: &CallPolicy,
+) -> Result<ChatStream, ProviderError> {
+    let labels = Labels::of(model);
+    let mut attempt = 0;
+    loop {
+        let error = match attempt_once(adapter, model, messages, policy, &labels).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => e,
+        };
+        let delay = (attempt < policy.retries).then(|| retry_delay(&error, attempt, policy)).flatten();
+        let Some(delay) = delay else { return Err(error) };
+        tracing::info!(
+            provider = %model.provider(), model = %model.model(), attempt = attempt + 1,
+            wait_ms = delay.as_millis() as u64, error = %error, "provider call failed; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+async fn attempt_once(
+    adapter: &Arc<dyn ChatProvider>,
+    model: &ModelId,
+    messages: &[ChatMessage],
+    policy: &CallPolicy,
+    labels: &Labels,
+) -> Result<ChatStream, ProviderError> {
+    labels.call();
+    let started = Instant::now();
+    let first_wait = started + policy.attempt_timeout;
+    let request = ChatRequest { model: model.model().to_owned(), messages: messages.to_vec() };
+    let opened = async {
+        let mut events = adapter.stream_chat(request).await?;
+        let first = events.next().await.transpose()?;
+        Ok::<_, ProviderError>((events, first))
+    };
+    let (events, first) = match timeout_at(first_wait, opened).await.unwrap_or(Err(ProviderError::Timeout)) {
+        Ok(opened) => opened,
+        Err(e) => {
+            labels.error(&e);
+            labels.latency(started);
+            return Err(e);
+        }
+    };
+    let guard = Guard {
+        events,
+        first,
+        idle: policy.idle_timeout,
+        labels: labels.clone(),
+        started,
+        saw_delta: false,
+        completion_chars: 0,
+        prompt_estimate: estimate_prompt_tokens(messages),
+        usage: None,
+        done: false,
+    };
+    Ok(Box::pin(stream::unfold(guard, |mut g| async move { g.next().await.map(|e| (e, g)) })))
+}
+
+/// A started attempt: applies the idle timeout to what is left,
+/// holds the provider's usage back until the end and makes sure the stream
+/// ends with one (estimated if need be).
+struct Guard {
+    events: ChatStream,
+    first: Option<ChatEvent>,
+    idle: Duration,
+    labels: Labels,
+    started: Instant,
+    saw_delta: bool,
+    completion_chars: usize,
+    prompt_estimate: i64,
+    usage: Option<Usage>,
+    done: bool,
+}
+
+impl Guard {
+    async fn next(&mut self) -> Option<Result<ChatEvent, ProviderError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let next = match self.first.take() {
+                Some(first) => Ok(Some(Ok(first))),
+                // Once text flows, only gaps count: a long answer streamed
+                // steadily is not a hung provider.
+                None => timeout_at(Instant::now() + self.idle, self.events.next()).await,
+            };
+            match next {
+                Ok(Some(Ok(ChatEvent::Delta(text)))) => {
+                    if text.is_empty() {
+                        continue;
+                    }
+                    if !self.saw_delta {
+                        self.saw_delta = true;
+                        self.labels.first_token(self.started);
+                    }
+                    self.completion_chars += text.chars().count();
+                    return Some(Ok(ChatEvent::Delta(text)));
+                }
+                Ok(Some(Ok(ChatEvent::Usage(u)))) => self.usage = Some(u),
+                Ok(None) => {
+                    self.done = true;
+                    let usage = self.usage.unwrap_or(Usage {
+                        prompt_tokens: self.prompt_estimate,
+                        completion_tokens: self.completion_chars.div_ceil(4) as i64,
+                        estimated: true,
+                    });
+                    self.labels.tokens(&usage);
+                    self.labels.latency(self.started);
+                    return Some(Ok(ChatEvent::Usage(usage)));
+                }
+                Ok(Some(Err(e))) => return Some(Err(self.fail(e))),
+                Err(_) => return Some(Err(self.fail(ProviderError::Timeout))),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: ProviderError) -> ProviderError {
+        self.done = true;
+        self.labels.error(&e);
+        self.labels.latency(self.started);
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CallPolicy {
+        CallPolicy {
+            attempt_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
+            retries: 2,
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for attempt in 0..3 {
+            let step = Duration::from_millis(100 * 2u64.pow(attempt));
+            for _ in 0..50 {
+                let d = backoff(attempt, &policy());
+                assert!(d >= step / 2 && d <= step, "{d:?} for attempt {attempt}");
+            }
+        }
+        assert!(backoff(40, &policy()) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn only_transient_failures_are_retried() {
+        let p = policy();
+        assert!(retry_delay(&ProviderError::Connect("x".into()), 0, &p).is_some());
+        assert!(retry_delay(&ProviderError::Upstream { status: 503, message: String::new() }, 0, &p).is_some());
+        let wait = Duration::from_secs(3);
+        assert_eq!(retry_delay(&ProviderError::RateLimited { retry_after: Some(wait) }, 0, &p), Some(wait));
+        let too_long = Duration::from_secs(3600);
+        assert_eq!(retry_delay(&ProviderError::RateLimited { retry_after: Some(too_long) }, 0, &p), None);
+        assert!(retry_delay(&ProviderError::Upstream { status: 400, message: String::new() }, 0, &p).is_none());
+        assert!(retry_delay(&ProviderError::Auth(401), 0, &p).is_none());
+        assert!(retry_delay(&ProviderError::Timeout, 0, &p).is_none());
+    }
+}

@@ -1,0 +1,428 @@
+//! LLM providers behind one trait. Each wire format lives in its own file
+//! (`openai`, `gemini`, `anthropic`, `offline`); `Providers` maps the
+//! `provider/` part of a model id to an adapter and, in `call`, applies the
+//! timeouts, retries, usage accounting and metrics, then the fallback
+//! models, so every chat path gets the same behaviour.
+
+mod anthropic;
+mod call;
+mod gemini;
+mod http;
+mod offline;
+mod openai;
+pub mod sse;
+
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+
+pub use anthropic::AnthropicProvider;
+pub use call::{CallPolicy, error_kind, estimate_prompt_tokens};
+pub use gemini::GeminiProvider;
+pub use offline::OfflineProvider;
+pub use openai::OpenAiProvider;
+
+use crate::{
+    config::{Secret, Settings},
+    domain::{
+        context::{ChatMessage, ChatRole, context_window},
+        conversation::ModelId,
+    },
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRequest {
+    /// The model name as the provider knows it (no `provider/` prefix).
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// True when the provider reported nothing and these are our estimates.
+    pub estimated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatEvent {
+    Delta(String),
+    Usage(Usage),
+}
+
+pub type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    #[error("the provider did not answer in time")]
+    Timeout,
+    #[error("could not reach the provider: {0}")]
+    Connect(String),
+    #[error("the provider refused the API key (HTTP {0})")]
+    Auth(u16),
+    #[error("the provider is rate limiting us")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("the provider answered HTTP {status}: {message}")]
+    Upstream { status: u16, message: String },
+    #[error("the provider sent something we cannot read: {0}")]
+    Protocol(String),
+}
+
+/// One wire format. `stream_chat` is a single attempt: retries, timeouts
+/// and usage estimates are applied around it by `Providers`.
+#[async_trait::async_trait]
+pub trait ChatProvider: Send + Sync {
+    /// The `provider` part of model ids served by this adapter.
+    fn name(&self) -> &str;
+    /// Models to advertise in /api/models (others are accepted too).
+    fn models(&self) -> Vec<String>;
+    /// Starts a reply; the stream yields text deltas and ends with usage
+    /// when the provider reports it.
+    async fn stream_chat(&self, request: ChatRequest) -> Result<ChatStream, ProviderError>;
+}
+
+/// A reply under way: its text deltas, then exactly one `Usage` (estimated
+/// when the provider reported none) — or an error, which ends it.
+/// `model()` is the model that is answering, a fallback model if the one
+/// asked for failed.
+pub struct ReplyStream {
+    model: ModelId,
+    events: ChatStream,
+}
+
+impl ReplyStream {
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+}
+
+impl Stream for ReplyStream {
+    type Item = Result<ChatEvent, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.as_mut().poll_next(cx)
+    }
+}
+
+/// A whole reply, collected from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub usage: Usage,
+    /// The model that answered (a fallback model if the one asked for failed).
+    pub model: ModelId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub provider: String,
+    pub default: bool,
+}
+
+/// The configured providers, the default and fallback models, and the call
+/// policy.
+#[derive(Clone)]
+pub struct Providers {
+    adapters: BTreeMap<String, Arc<dyn ChatProvider>>,
+    default_model: ModelId,
+    fallbacks: Vec<ModelId>,
+    policy: CallPolicy,
+    context_windows: Vec<(String, usize)>,
+}
+
+/// For formats that take the system prompt apart and want the turns to
+/// alternate: the system messages joined, and the other turns with
+/// consecutive turns of one role merged.
+fn system_and_turns(messages: &[ChatMessage]) -> (Option<String>, Vec<(ChatRole, String)>) {
+    let system: Vec<&str> =
+        messages.iter().filter(|m| m.role == ChatRole::System).map(|m| m.content.as_str()).collect();
+    let mut turns: Vec<(ChatRole, String)> = Vec::new();
+    for m in messages.iter().filter(|m| m.role != ChatRole::System) {
+        match turns.last_mut() {
+            Some((role, text)) if *role == m.role => {
+                text.push_str("\n\n");
+                text.push_str(&m.content);
+            }
+            _ => turns.push((m.role, m.content.clone())),
+        }
+    }
+    ((!system.is_empty()).then(|| system.join("\n\n")), turns)
+}
+
+/// A key setting counts when it holds a non-blank value (`OPENAI_API_KEY=`
+/// in a `.env` template configures nothing).
+fn key(secret: &Option<Secret>) -> Option<&str> {
+    secret.as_ref().map(Secret::expose).filter(|k| !k.trim().is_empty())
+}
+
+fn names(models: &[&str]) -> Vec<String> {
+    models.iter().map(|m| (*m).to_owned()).collect()
+}
+
+impl Providers {
+    /// Builds the adapters named by the settings; the offline provider is
+    /// always there and is the default when nothing else is configured.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let policy = CallPolicy {
+            attempt_timeout: Duration::from_secs(settings.provider_timeout),
+            idle_timeout: Duration::from_secs(settings.provider_idle_timeout),
+            retries: settings.provider_retries,
+            backoff: Duration::from_millis(settings.provider_backoff_ms),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10).min(policy.attempt_timeout))
+            .user_agent(concat!("palaver/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut adapters: BTreeMap<String, Arc<dyn ChatProvider>> = BTreeMap::new();
+        // Each provider's usual model, in order of preference for the default.
+        let mut defaults: Vec<&'static str> = Vec::new();
+        let mut add = |adapter: Arc<dyn ChatProvider>, default: &'static str| {
+            defaults.push(default);
+            adapters.insert(adapter.name().to_owned(), adapter);
+        };
+        if let Some(keys) = key(&settings.openai_api_key) {
+            let models = names(&["gpt-4o-mini", "gpt-4o"]);
+            let p = OpenAiProvider::new("openai", &settings.openai_base_url, Some(keys), models, http.clone());
+            add(Arc::new(p), "openai/gpt-4o-mini");
+        }
+        if let Some(keys) = key(&settings.anthropic_api_key) {
+            let models = names(&["claude-3-5-sonnet-latest", "claude-3-5-haiku-latest"]);
+            let p = AnthropicProvider::new(
+                &settings.anthropic_base_url,
+                Some(keys),
+                models,
+                settings.anthropic_max_tokens,
+                http.clone(),
+            );
+            add(Arc::new(p), "anthropic/claude-3-5-haiku-latest");
+        }
+        if let Some(keys) = key(&settings.gemini_api_key) {
+            let models = names(&["gemini-1.5-flash", "gemini-1.5-pro"]);
+            add(
+                Arc::new(GeminiProvider::new(&settings.gemini_base_url, Some(keys), models, http.clone())),
+                "gemini/gemini-1.5-flash",
+            );
+        }
+        if let Some(keys) = key(&settings.openrouter_api_key) {
+            let models = names(&["openai/gpt-4o-mini", "anthropic/claude-3.5-sonnet"]);
+            let p = OpenAiProvider::new("openrouter", &settings.openrouter_base_url, Some(keys), models, http.clone());
+            add(Arc::new(p), "openrouter/openai/gpt-4o-mini");
+        }
+        if let Some(keys) = key(&settings.groq_api_key) {
+            let models = names(&["llama-3.3-70b-versatile", "llama-3.1-8b-instant"]);
+            let p = OpenAiProvider::new("groq", &settings.groq_base_url, Some(keys), models, http.clone());
+            add(Arc::new(p), "groq/llama-3.3-70b-versatile");
+        }
+        if let Some(base) = settings.ollama_base_url.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+            let base = base.trim_end_matches('/');
+            let base = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
+            let p = OpenAiProvider::new("ollama", &base, None, names(&["llama3"]), http.clone());
+            add(Arc::new(p), "ollama/llama3");
+        }
+        add(Arc::new(OfflineProvider), offline::MODEL_ID);
+
+        let default_model = match &settings.default_model {
+            Some(m) => ModelId::parse(m).map_err(|e| anyhow::anyhow!("PALAVER_DEFAULT_MODEL {e}"))?,
+            None => ModelId::parse(defaults[0]).expect("valid id"),
+        };
+        let configured = |m: &ModelId, var: &str| {
+            if adapters.contains_key(m.provider()) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{var} names provider {:?}, which is not configured", m.provider()))
+            }
+        };
+        configured(&default_model, "PALAVER_DEFAULT_MODEL")?;
+        let mut fallbacks = Vec::new();
+        for raw in settings.fallback_models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {
+            let m = ModelId::parse(raw).map_err(|e| anyhow::anyhow!("PALAVER_FALLBACK_MODELS: {raw:?} {e}"))?;
+            configured(&m, "PALAVER_FALLBACK_MODELS")?;
+            fallbacks.push(m);
+        }
+        let mut context_windows = Vec::new();
+        for entry in settings.context_windows.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let parsed = entry.split_once('=').and_then(|(id, n)| Some((id.trim().to_owned(), n.trim().parse().ok()?)));
+            match parsed {
+                Some((id, n)) if !id.is_empty() && n > 0 => context_windows.push((id, n)),
+                _ => anyhow::bail!("PALAVER_CONTEXT_WINDOWS: {entry:?} must look like provider/model=tokens"),
+            }
+        }
+        Ok(Self { adapters, default_model, fallbacks, policy, context_windows })
+    }
+
+    /// Providers other than the offline one.
+    pub fn has_real_provider(&self) -> bool {
+        self.adapters.keys().any(|k| k != "offline")
+    }
+
+    pub fn default_model(&self) -> &ModelId {
+        &self.default_model
+    }
+
+    pub fn fallback_models(&self) -> &[ModelId] {
+        &self.fallbacks
+    }
+
+    /// Checks a model id a client asked for: well-formed, configured provider.
+    pub fn validate_model(&self, id: &str) -> Result<ModelId, String> {
+        let m = ModelId::parse(id)?;
+        if !self.adapters.contains_key(m.provider()) {
+            let known: Vec<&str> = self.adapters.keys().map(String::as_str).collect();
+            return Err(format!("provider {:?} is not configured (configured: {})", m.provider(), known.join(", ")));
+        }
+        Ok(m)
+    }
+
+    /// The context window of a model, in tokens: the longest matching
+    /// `PALAVER_CONTEXT_WINDOWS` entry, else the built-in table.
+    pub fn context_window(&self, model: &ModelId) -> usize {
+        let id = model.to_string();
+        self.context_windows
+            .iter()
+            .filter(|(prefix, _)| id.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or_else(|| context_window(model.model()), |&(_, n)| n)
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let default = self.default_model.to_string();
+        let mut items: Vec<ModelInfo> = self
+            .adapters
+            .iter()
+            .flat_map(|(name, p)| {
+                p.models().into_iter().map(move |m| ModelInfo {
+                    id: format!("{name}/{m}"),
+                    provider: name.clone(),
+                    default: false,
+                })
+            })
+            .collect();
+        for m in std::iter::once(&self.default_model).chain(&self.fallbacks) {
+            if !items.iter().any(|i| i.id == m.to_string()) {
+                items.push(ModelInfo { id: m.to_string(), provider: m.provider().to_owned(), default: false });
+            }
+        }
+        for m in &mut items {
+            m.default = m.id == default;
+        }
+        items
+    }
+
+    /// Starts a reply: `model` first, then each fallback model, each with
+    /// its retries. Answers once the first event has arrived, so a failure
+    /// before any text is retried or falls back, and one after it ends the
+    /// stream (the caller has shown text by then). Timeouts apply inside.
+    pub async fn stream(&self, model: &ModelId, messages: Vec<ChatMessage>) -> Result<ReplyStream, ProviderError> {
+        let mut first_error = None;
+        let candidates = std::iter::once(model).chain(self.fallbacks.iter().filter(|f| *f != model));
+        for candidate in candidates {
+            let Some(adapter) = self.adapters.get(candidate.provider()) else {
+                first_error.get_or_insert(ProviderError::Connect(format!(
+                    "provider {} is not configured",
+                    candidate.provider()
+                )));
+                continue;
+            };
+            if first_error.is_some() {
+                tracing::warn!(model = %model, fallback = %candidate, "trying a fallback model");
+            }
+            match call::start(adapter, candidate, &messages, &self.policy).await {
+                Ok(events) => return Ok(ReplyStream { model: candidate.clone(), events }),
+                Err(e) => {
+                    tracing::warn!(model = %candidate, kind = error_kind(&e), error = %e, "provider call failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least the asked model was tried"))
+    }
+
+    /// Runs a whole reply (with retries, fallback and timeouts, as `stream`).
+    pub async fn complete(&self, model: &ModelId, messages: Vec<ChatMessage>) -> Result<Completion, ProviderError> {
+        let mut stream = self.stream(model, messages).await?;
+        let mut text = String::new();
+        let mut usage = Usage::default();
+        while let Some(event) = stream.next().await {
+            match event? {
+                ChatEvent::Delta(d) => text.push_str(&d),
+                ChatEvent::Usage(u) => usage = u,
+            }
+        }
+        Ok(Completion { text, usage, model: stream.model })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn offline_is_the_default_without_configuration() {
+        let mut s = Settings::defaults();
+        s.openai_api_key = None;
+        s.default_model = None;
+        let p = Providers::from_settings(&s).unwrap();
+        assert!(!p.has_real_provider());
+        assert_eq!(p.default_model().provider(), "offline");
+        let models = p.models();
+        assert_eq!(models.iter().filter(|m| m.default).count(), 1);
+        let msgs = vec![ChatMessage::new(ChatRole::User, "hello")];
+        let a = p.complete(p.default_model(), msgs.clone()).await.unwrap();
+        let b = p.complete(p.default_model(), msgs).await.unwrap();
+        assert_eq!(a, b, "offline replies are deterministic");
+        assert_eq!(a.model, *p.default_model());
+        assert!(p.validate_model("openai/gpt-4o").is_err());
+        assert!(p.validate_model("offline/anything").is_ok());
+    }
+
+    #[test]
+    fn presets_are_configured_by_their_keys_and_ollama_by_its_url() {
+        let mut s = Settings::defaults();
+        s.openai_api_key = Some(Secret(" ".into()));
+        s.groq_api_key = Some(Secret("g1,g2".into()));
+        s.openrouter_api_key = Some(Secret("o".into()));
+        s.gemini_api_key = Some(Secret("ge".into()));
+        s.anthropic_api_key = Some(Secret("a".into()));
+        s.default_model = None;
+        let p = Providers::from_settings(&s).unwrap();
+        let providers: Vec<&str> = p.adapters.keys().map(String::as_str).collect();
+        assert_eq!(
+            providers,
+            ["anthropic", "gemini", "groq", "offline", "openrouter"],
+            "a blank key configures nothing"
+        );
+        assert_eq!(p.default_model().to_string(), "anthropic/claude-3-5-haiku-latest");
+        assert!(p.validate_model("openrouter/meta-llama/llama-3-8b").is_ok());
+        assert!(p.validate_model("ollama/llama3").is_err(), "Ollama only when OLLAMA_BASE_URL is set");
+
+        s.ollama_base_url = Some("http://localhost:11434".into());
+        let p = Providers::from_settings(&s).unwrap();
+        assert!(p.models().iter().any(|m| m.id == "ollama/llama3"));
+    }
+
+    #[test]
+    fn fallbacks_and_context_windows_are_checked_at_startup() {
+        let mut s = Settings::defaults();
+        s.default_model = None;
+        s.fallback_models = vec!["offline/second".into()];
+        s.context_windows = vec!["offline/palaver=1000".into(), "offline/palaver-off=2000".into()];
+        let p = Providers::from_settings(&s).unwrap();
+        assert_eq!(p.fallback_models()[0].to_string(), "offline/second");
+        assert_eq!(p.context_window(p.default_model()), 2000, "the longest matching entry wins");
+        assert_eq!(p.context_window(&ModelId::parse("offline/x").unwrap()), context_window("x"));
+
+        s.fallback_models = vec!["gemini/gemini-1.5-pro".into()];
+        assert!(Providers::from_settings(&s).is_err(), "an unconfigured fallback is a startup error");
+        s.fallback_models = vec![];
+        s.context_windows = vec!["offline/x".into()];
+        assert!(Providers::from_settings(&s).is_err());
+    }
+}

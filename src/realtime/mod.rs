@@ -1,0 +1,9 @@
+//! Live events: replies generated detached from requests, followed by any
+//! number of readers (sync POST, SSE, WebSocket, resumers), and the support
+//! desk's event bus (in-process, or Redis across instances).
+
+pub mod bus;
+pub mod replies;
+pub mod support;
+
+pub use replies::{Replies, ReplyEvent};

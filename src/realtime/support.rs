@@ -1,0 +1,386 @@
+//! The support desk's actions, shared by its REST routes and its sockets:
+//! each one changes the database, appends to the session's event log and
+//! publishes on the bus. AI replies use the same detached, resumable reply
+//! machinery as chats (a session's messages live in a conversation owned by
+//! the built-in support account).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::{
+    bus::{BusEvent, SupportBus},
+    replies::{self, ReplyEvent, SendRequest, Target},
+};
+use crate::{
+    auth::{hash_token, random_token},
+    clock::rfc3339,
+    domain::{
+        conversation::{MessageContent, MessageRole, MessageStatus},
+        support::{ClientInfo, HandoffPhrases, SupportStatus, estimated_wait_seconds},
+        throttle::FailureThrottle,
+    },
+    http::{AppState, error::ApiError},
+    store::{
+        ConversationRecord, IdempotencyClaim, IdempotentSend, MessageRecord, NewMessage, SUPPORT_USER_ID,
+        SupportSessionRecord,
+    },
+};
+
+pub struct SupportDesk {
+    pub bus: SupportBus,
+    pub phrases: HandoffPhrases,
+    /// Session creations per client address.
+    pub creations: FailureThrottle,
+}
+
+impl SupportDesk {
+    pub fn new(bus: SupportBus, phrases: &[String], per_address: u32) -> Self {
+        let phrases = if phrases.iter().all(|p| p.trim().is_empty()) {
+            HandoffPhrases::default()
+        } else {
+            HandoffPhrases::new(phrases)
+        };
+        Self { bus, phrases, creations: FailureThrottle::new(per_address, 10 * 60 * 1000) }
+    }
+}
+
+/// The JSON of a session as clients and agents see it.
+pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<Value, ApiError> {
+    let position = state.store.queue_position(s).await?;
+    let wait = match position {
+        Some(p) => Some(estimated_wait_seconds(p, state.store.recent_support_wait_ms().await?)),
+        None => None,
+    };
+    Ok(json!({
+        "session_id": s.id,
+        "status": s.status,
+        "client_info": { "name": s.client_name, "email": s.client_email, "phone": s.client_phone },
+        "queue_position": position,
+        "estimated_wait_seconds": wait,
+        "assigned_agent": agent_json(s),
+        "waiting_since": s.queued_at.filter(|_| s.status == SupportStatus::Queued).map(rfc3339),
+        "created_at": rfc3339(s.created_at),
+        "updated_at": rfc3339(s.updated_at),
+    }))
+}
+
+fn agent_json(s: &SupportSessionRecord) -> Value {
+    match &s.assigned_agent {
+        Some(id) => json!({ "id": id, "name": s.assigned_agent_name }),
+        None => Value::Null,
+    }
+}
+
+pub fn message_json(session_id: &str, m: &MessageRecord) -> Value {
+    json!({
+        "id": m.id,
+        "session_id": session_id,
+        "role": m.role,
+        "content": m.content,
+        "status": m.status,
+        "created_at": rfc3339(m.created_at),
+    })
+}
+
+/// Logs and publishes a lasting event of a session.
+async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload: Value) -> Result<(), ApiError> {
+    let seq = state.store.append_support_event(&s.id, kind, &payload.to_string(), state.clock.now_ms()).await?;
+    let event = BusEvent {
+        session_id: s.id.clone(),
+        seq: Some(seq),
+        kind: kind.to_owned(),
+        payload,
+        agent_id: s.assigned_agent.clone(),
+    };
+    state.support.bus.publish(event).await;
+    Ok(())
+}
+
+/// A status change: logged for the session, and the queue changed too.
+async fn status_changed(state: &AppState, id: &str) -> Result<SupportSessionRecord, ApiError> {
+    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+    let session = session_json(state, &s).await?;
+    record(state, &s, "status", session).await?;
+    queue_changed(state).await;
+    Ok(s)
+}
+
+/// Tells every instance that queue positions and the agents' queue view changed.
+pub async fn queue_changed(state: &AppState) {
+    let event =
+        BusEvent { session_id: String::new(), seq: None, kind: "queue".into(), payload: Value::Null, agent_id: None };
+    state.support.bus.publish(event).await;
+    metrics::gauge!("palaver_support_queue_length")
+        .set(state.store.support_queue().await.map_or(0, |q| q.len()) as f64);
+}
+
+/// A new session in AI mode; answers it and its client token.
+pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(SupportSessionRecord, String), ApiError> {
+    let now = state.clock.now_ms();
+    let conversation = ConversationRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_id: SUPPORT_USER_ID.to_owned(),
+        title: Some(format!("Support: {}", client.name)),
+        system_prompt: Some(state.settings.support_system_prompt.clone()),
+        model: None,
+        message_count: 0,
+        last_message_at: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let session = SupportSessionRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        conversation_id: conversation.id.clone(),
+        client_name: client.name,
+        client_email: client.email,
+        client_phone: client.phone,
+        status: SupportStatus::Ai,
+        queued_at: None,
+        assigned_agent: None,
+        assigned_agent_name: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let token = random_token("pst_");
+    state.store.create_support_session(&session, &conversation, &hash_token(&token)).await?;
+    Ok((session, token))
+}
+
+/// The session a client token opens (and only that one).
+pub async fn session_for_client(state: &AppState, id: &str, token: &str) -> Result<SupportSessionRecord, ApiError> {
+    let s = state.store.support_session_by_token(&hash_token(token)).await?.ok_or(ApiError::Unauthorized)?;
+    if s.id != id {
+        return Err(ApiError::NotFound);
+    }
+    Ok(s)
+}
+
+/// What a client's message led to.
+pub struct ClientSend {
+    pub message: MessageRecord,
+    /// The AI's reply, while the session is in AI mode.
+    pub reply: Option<MessageRecord>,
+}
+
+/// Stores a client's message. In AI mode the AI answers (streamed to the
+/// client's sockets as it is written), unless the words ask for a human,
+/// which queues the session instead. While queued or with a human, the AI
+/// stays silent.
+pub async fn client_send(
+    state: &Arc<AppState>,
+    s: &SupportSessionRecord,
+    content: MessageContent,
+    idempotency_key: Option<String>,
+) -> Result<ClientSend, ApiError> {
+    if s.status == SupportStatus::Closed {
+        return Err(ApiError::conflict("session_closed", "This support session is closed."));
+    }
+    let key = idempotency_key.map(|k| format!("support:{}:{k}", s.id));
+    let wants_human = s.status == SupportStatus::Ai && state.support.phrases.asks_for_human(content.as_str());
+    if s.status != SupportStatus::Ai || wants_human {
+        let id = uuid::Uuid::now_v7().to_string();
+        if let Some(key) = &key
+            && let Some(original) = keyed_original(state, s, key, &id, content.as_str()).await?
+        {
+            return Ok(original);
+        }
+        let message = insert(state, s, &id, MessageRole::User, content.as_str()).await?;
+        record(state, s, "message", message_json(&s.id, &message)).await?;
+        if wants_human {
+            handoff(state, s).await?;
+        }
+        return Ok(ClientSend { message, reply: None });
+    }
+    let conversation = state
+        .store
+        .conversation(&s.conversation_id, SUPPORT_USER_ID)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("support conversation missing")))?;
+    let sent = replies::send(
+        state,
+        SendRequest {
+            user_id: SUPPORT_USER_ID.to_owned(),
+            target: Target::Existing(conversation),
+            content,
+            model: None,
+            idempotency_key: key,
+        },
+    )
+    .await?;
+    if !sent.fresh {
+        // A retry: the original request logged both messages.
+        let reply = replies::finished(state.clone(), sent.assistant_message).await.map(|m| m.as_ref().clone());
+        return Ok(ClientSend { message: sent.user_message, reply });
+    }
+    record(state, s, "message", message_json(&s.id, &sent.user_message)).await?;
+    // Detached, so the reply is streamed and logged even if this request's
+    // client goes away.
+    let forwarding = tokio::spawn(forward_reply(state.clone(), s.clone(), sent.assistant_message));
+    let reply = forwarding.await.ok().flatten();
+    Ok(ClientSend { message: sent.user_message, reply })
+}
+
+/// Streams an AI reply's deltas to the session's sockets, then logs the
+/// final message. Answers the final message.
+async fn forward_reply(
+    state: Arc<AppState>,
+    s: SupportSessionRecord,
+    assistant: MessageRecord,
+) -> Option<MessageRecord> {
+    use futures::StreamExt;
+    let message_id = assistant.id.clone();
+    let events = replies::follow(state.clone(), assistant, 0);
+    tokio::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            ReplyEvent::Delta { text, .. } => {
+                let payload = json!({ "message_id": message_id, "text": text });
+                let event =
+                    BusEvent { session_id: s.id.clone(), seq: None, kind: "delta".into(), payload, agent_id: None };
+                state.support.bus.publish(event).await;
+            }
+            ReplyEvent::Finished(m) => {
+                if let Err(e) = record(&state, &s, "message", message_json(&s.id, &m)).await {
+                    tracing::warn!(error = %e, "could not log a support reply");
+                }
+                return Some(m.as_ref().clone());
+            }
+        }
+    }
+    None
+}
+
+/// Claims an idempotency key for a message the AI will not answer; answers
+/// the original result when the key was used before.
+async fn keyed_original(
+    state: &Arc<AppState>,
+    s: &SupportSessionRecord,
+    key: &str,
+    message_id: &str,
+    content: &str,
+) -> Result<Option<ClientSend>, ApiError> {
+    let ids = IdempotentSend {
+        request_hash: replies::send_hash(&s.conversation_id, "", content),
+        conversation_id: s.conversation_id.clone(),
+        user_message_id: message_id.to_owned(),
+        assistant_message_id: String::new(),
+    };
+    let IdempotencyClaim::Existing(original) =
+        state.store.claim_idempotency_key(SUPPORT_USER_ID, key, &ids, state.clock.now_ms()).await?
+    else {
+        return Ok(None);
+    };
+    if original.request_hash != ids.request_hash {
+        return Err(ApiError::invalid_field(
+            "idempotency_key_reused",
+            "Idempotency-Key",
+            "was already used for a different request",
+        ));
+    }
+    for _ in 0..100 {
+        if let Some(message) = state.store.message(&s.conversation_id, &original.user_message_id).await? {
+            let reply = match state.store.message(&s.conversation_id, &original.assistant_message_id).await? {
+                Some(m) if m.status == MessageStatus::Streaming => {
+                    replies::finished(state.clone(), m).await.map(|m| m.as_ref().clone())
+                }
+                other => other,
+            };
+            return Ok(Some(ClientSend { message, reply }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(ApiError::conflict("request_in_progress", "The original request with this Idempotency-Key is still running."))
+}
+
+async fn insert(
+    state: &AppState,
+    s: &SupportSessionRecord,
+    id: &str,
+    role: MessageRole,
+    content: &str,
+) -> Result<MessageRecord, ApiError> {
+    let message = NewMessage {
+        id,
+        conversation_id: &s.conversation_id,
+        role,
+        content,
+        status: MessageStatus::Complete,
+        model: None,
+        now: state.clock.now_ms(),
+    };
+    Ok(state.store.insert_message(message, None).await?)
+}
+
+/// `ai` → `queued`. Asking again while queued or with a human changes nothing.
+pub async fn handoff(state: &AppState, s: &SupportSessionRecord) -> Result<SupportSessionRecord, ApiError> {
+    match s.status {
+        SupportStatus::Closed => Err(ApiError::conflict("session_closed", "This support session is closed.")),
+        SupportStatus::Queued | SupportStatus::Human => Ok(s.clone()),
+        SupportStatus::Ai => {
+            if state.store.enqueue_support_session(&s.id, state.clock.now_ms()).await? {
+                status_changed(state, &s.id).await
+            } else {
+                Ok(state.store.support_session(&s.id).await?.ok_or(ApiError::NotFound)?)
+            }
+        }
+    }
+}
+
+/// An agent takes a queued session; 409 unless it is queued (exactly one
+/// of concurrent claimers wins).
+pub async fn claim(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
+    state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+    if !state.store.claim_support_session(id, agent_id, state.clock.now_ms()).await? {
+        return Err(ApiError::conflict("not_queued", "This session is not waiting in the queue (already claimed?)."));
+    }
+    status_changed(state, id).await
+}
+
+/// The session, if `agent_id` holds it; 403 otherwise (404 if none).
+pub async fn held_by(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
+    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+    if s.status != SupportStatus::Human || s.assigned_agent.as_deref() != Some(agent_id) {
+        return Err(ApiError::forbidden("not_assigned", "Only the agent this session is assigned to may do that."));
+    }
+    Ok(s)
+}
+
+pub async fn agent_send(
+    state: &AppState,
+    agent_id: &str,
+    id: &str,
+    content: MessageContent,
+) -> Result<MessageRecord, ApiError> {
+    let s = held_by(state, agent_id, id).await?;
+    let message = insert(state, &s, &uuid::Uuid::now_v7().to_string(), MessageRole::Agent, content.as_str()).await?;
+    record(state, &s, "message", message_json(&s.id, &message)).await?;
+    Ok(message)
+}
+
+/// Back to the head of the queue.
+pub async fn release(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
+    held_by(state, agent_id, id).await?;
+    if !state.store.release_support_session(id, agent_id, state.clock.now_ms()).await? {
+        return Err(ApiError::conflict("not_assigned", "The session changed meanwhile."));
+    }
+    status_changed(state, id).await
+}
+
+/// Closes a session (its agent, or an admin for any open session).
+pub async fn close(
+    state: &AppState,
+    agent_id: &str,
+    is_admin: bool,
+    id: &str,
+) -> Result<SupportSessionRecord, ApiError> {
+    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+    if !is_admin {
+        held_by(state, agent_id, id).await?;
+    }
+    if s.status == SupportStatus::Closed {
+        return Err(ApiError::conflict("session_closed", "This support session is already closed."));
+    }
+    state.store.close_support_session(id, state.clock.now_ms()).await?;
+    status_changed(state, id).await
+}

@@ -1,0 +1,308 @@
+//! Building and running the application: configuration checks, the secret,
+//! the database (migrated), the providers, and the HTTP server with graceful
+//! shutdown. `Application::build` binds first, so port 0 works for tests.
+
+use std::{
+    io::Write,
+    path::Path,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{PasswordHasher, TokenKeys},
+    clock::{Clock, SystemClock},
+    config::{Environment, Settings},
+    http::{self, AppState},
+    providers::Providers,
+    store::Store,
+};
+
+/// Shortest secret accepted in production.
+pub const MIN_SECRET_LEN: usize = 32;
+const SECRET_FILE: &str = "secret_key";
+
+/// A problem with the configuration: reported in one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let state = Arc::new(build_state(settings, clock).await?);
+        let listener = TcpListener::bind(state.settings.bind)
+            .await
+            .map_err(|e| ConfigError(format!("cannot listen on {}: {e}", state.settings.bind)))?;
+        let shutdown = state.shutdown.clone();
+        Ok(Self { listener, state, shutdown })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Cancelling this token stops the server as SIGTERM would.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until SIGTERM/Ctrl-C or the shutdown token; open requests get
+    /// the configured grace period to finish.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.state.settings.shutdown_grace);
+        let router = http::router(self.state.clone());
+        spawn_sweeper(self.state.clone(), self.shutdown.clone());
+        let token = self.shutdown.clone();
+        let signal = async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = termination_signal() => tracing::info!("shutdown requested; draining open requests"),
+            }
+        };
+        let drained = CancellationToken::new();
+        let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's
+        // algorithm holds them back for the peer's delayed ACK (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        let serve = axum::serve(listener, app).with_graceful_shutdown({
+            let drained = drained.clone();
+            async move {
+                signal.await;
+                drained.cancel();
+            }
+        });
+        let server = tokio::spawn(async move { serve.await });
+        tokio::pin!(server);
+        tokio::select! {
+            res = &mut server => { res??; }
+            _ = async { drained.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("grace period over; closing remaining connections");
+                server.abort();
+            }
+        }
+        if !self.state.replies.drain(grace).await {
+            tracing::warn!(
+                running = self.state.replies.running(),
+                "replies still generating at exit; the next start marks them failed"
+            );
+        }
+        self.shutdown.cancel();
+        self.state.store.close().await;
+        Ok(())
+    }
+}
+
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Everything the handlers share, after the configuration has been checked.
+pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+    check_cors(&settings)?;
+    let secret = resolve_secret(&settings)?;
+    let providers = Providers::from_settings(&settings).map_err(|e| ConfigError(e.to_string()))?;
+    if !providers.has_real_provider() {
+        tracing::warn!(
+            "no LLM provider is configured: answering with the offline provider. Set OPENAI_API_KEY \
+             (OPENAI_BASE_URL for other OpenAI-compatible servers such as vLLM), GEMINI_API_KEY, ANTHROPIC_API_KEY, \
+             OPENROUTER_API_KEY, GROQ_API_KEY or OLLAMA_BASE_URL for real answers"
+        );
+    }
+    let redis = match &settings.redis_url {
+        Some(url) => {
+            Some(redis::Client::open(url.expose()).map_err(|e| ConfigError(format!("REDIS_URL is not usable: {e}")))?)
+        }
+        None => None,
+    };
+    let store = connect_store(&settings).await?;
+    store.migrate().await?;
+    let shutdown = CancellationToken::new();
+    recover_interrupted_replies(&store, clock.as_ref(), &settings).await?;
+    metrics::gauge!("palaver_support_queue_length").set(store.support_queue().await?.len() as f64);
+    let support = crate::realtime::support::SupportDesk::new(
+        crate::realtime::bus::SupportBus::start(redis.as_ref(), shutdown.clone()).await,
+        &settings.support_handoff_phrases,
+        settings.support_sessions_per_ip,
+    );
+    Ok(AppState {
+        store,
+        clock,
+        keys: TokenKeys::new(&secret),
+        hasher: PasswordHasher::new(),
+        providers,
+        settings: Arc::new(settings),
+        metrics: Some(metrics_handle()),
+        replies: Default::default(),
+        login_throttle: Default::default(),
+        support,
+        redis,
+        shutdown,
+    })
+}
+
+const INTERRUPTED: &str = "interrupted: the server stopped while generating this reply";
+
+/// How long a streaming reply may go without a heartbeat before it counts
+/// as abandoned by a dead instance.
+fn stream_lease_ms(settings: &Settings) -> i64 {
+    (settings.stream_flush_ms as i64 * 5).max(10_000)
+}
+
+/// Replies left `streaming` by a process that died are marked failed, so
+/// nothing stays `streaming` forever. A SQLite file has one server, so all
+/// of them are dead; on PostgreSQL other instances may be generating, so
+/// only replies whose heartbeat has stopped are.
+async fn recover_interrupted_replies(store: &Store, clock: &dyn Clock, settings: &Settings) -> anyhow::Result<()> {
+    let now = clock.now_ms();
+    let stale_before = match store.engine() {
+        crate::store::Engine::Sqlite => i64::MAX,
+        crate::store::Engine::Postgres => now - stream_lease_ms(settings),
+    };
+    let n = store.fail_stale_streaming(INTERRUPTED, stale_before, now).await?;
+    if n > 0 {
+        tracing::warn!(count = n, "marked replies interrupted by a previous shutdown as failed");
+    }
+    Ok(())
+}
+
+/// Every few seconds: replies whose instance died are marked failed, and
+/// idempotency keys past their lifetime are dropped.
+fn spawn_sweeper(state: Arc<AppState>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let lease = stream_lease_ms(&state.settings);
+        let mut tick = tokio::time::interval(Duration::from_millis((lease / 2) as u64));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = state.clock.now_ms();
+            if let Err(e) = state.store.fail_stale_streaming(INTERRUPTED, now - lease, now).await {
+                tracing::warn!(error = %e, "sweeping abandoned replies failed");
+            }
+            if let Err(e) = state.store.purge_idempotency_keys(now).await {
+                tracing::warn!(error = %e, "purging idempotency keys failed");
+            }
+        }
+    });
+}
+
+/// The database named by DATABASE_URL, or SQLite in the data directory.
+pub async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
+    let url = match &settings.database_url {
+        Some(u) => u.expose().to_owned(),
+        None => format!("sqlite://{}", settings.data_dir.join("palaver.db").display()),
+    };
+    Store::connect(&url).await.map_err(|e| ConfigError(format!("cannot open the database: {e}")).into())
+}
+
+fn check_cors(settings: &Settings) -> Result<(), ConfigError> {
+    let wildcard = settings.cors_origins().iter().any(|o| o == "*");
+    if wildcard && settings.environment == Environment::Production {
+        return Err(ConfigError(
+            "CORS_ORIGINS=* with credentials is refused in production: list the allowed origins".into(),
+        ));
+    }
+    if wildcard {
+        tracing::warn!(
+            "CORS_ORIGINS=* lets every website call this server with the user's cookie; production refuses it"
+        );
+    }
+    Ok(())
+}
+
+/// SECRET_KEY, or in development a generated one kept in the data directory.
+fn resolve_secret(settings: &Settings) -> Result<String, ConfigError> {
+    let production = settings.environment == Environment::Production;
+    match &settings.secret_key {
+        Some(s) if s.expose().chars().count() >= MIN_SECRET_LEN => Ok(s.expose().to_owned()),
+        Some(_) if production => {
+            Err(ConfigError(format!("SECRET_KEY is too weak: production needs at least {MIN_SECRET_LEN} characters")))
+        }
+        Some(s) => {
+            tracing::warn!("SECRET_KEY is shorter than {MIN_SECRET_LEN} characters; production would refuse it");
+            Ok(s.expose().to_owned())
+        }
+        None if production => {
+            Err(ConfigError("SECRET_KEY is not set: production needs a secret of at least 32 characters".into()))
+        }
+        None => dev_secret(&settings.data_dir).map_err(|e| ConfigError(format!("cannot keep the dev secret: {e}"))),
+    }
+}
+
+fn dev_secret(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join(SECRET_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_owned();
+        if existing.len() >= MIN_SECRET_LEN {
+            tracing::warn!(path = %path.display(), "using the development secret from the data directory; set SECRET_KEY in production");
+            return Ok(existing);
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let secret = crate::auth::random_token("");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    tracing::warn!(path = %path.display(), "generated a development secret; set SECRET_KEY in production");
+    Ok(secret)
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+                .expect("static buckets are valid");
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (embedding program): render ours unattached.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}

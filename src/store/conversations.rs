@@ -1,0 +1,413 @@
+//! Conversations and their messages. Every query names the owner, so a
+//! conversation of another user is simply not found.
+
+use sqlx::{AssertSqlSafe, any::AnyRow};
+
+use super::{Store, StoreResult, get, map_err, parse_col};
+use crate::domain::conversation::{MessageRole, MessageStatus};
+
+#[derive(Debug, Clone)]
+pub struct ConversationRecord {
+    pub id: String,
+    pub user_id: String,
+    pub title: Option<String>,
+    pub system_prompt: Option<String>,
+    pub model: Option<String>,
+    pub message_count: i64,
+    pub last_message_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl ConversationRecord {
+    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: get(row, "id")?,
+            user_id: get(row, "user_id")?,
+            title: get(row, "title")?,
+            system_prompt: get(row, "system_prompt")?,
+            model: get(row, "model")?,
+            message_count: get(row, "message_count")?,
+            last_message_at: get(row, "last_message_at")?,
+            created_at: get(row, "created_at")?,
+            updated_at: get(row, "updated_at")?,
+        })
+    }
+}
+
+/// New values for a conversation's editable fields (`None` keeps the old one).
+#[derive(Debug, Default)]
+pub struct ConversationPatch {
+    pub title: Option<Option<String>>,
+    pub system_prompt: Option<Option<String>>,
+    pub model: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub id: String,
+    pub conversation_id: String,
+    pub role: MessageRole,
+    pub content: String,
+    pub status: MessageStatus,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub usage_estimated: bool,
+    pub error: Option<String>,
+    /// Machine-readable reason of a failure (`provider_timeout`, …).
+    pub error_code: Option<String>,
+    pub created_at: i64,
+}
+
+impl MessageRecord {
+    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: get(row, "id")?,
+            conversation_id: get(row, "conversation_id")?,
+            role: parse_col(row, "role")?,
+            content: get(row, "content")?,
+            status: parse_col(row, "status")?,
+            model: get(row, "model")?,
+            prompt_tokens: get(row, "prompt_tokens")?,
+            completion_tokens: get(row, "completion_tokens")?,
+            usage_estimated: get::<i64>(row, "usage_estimated")? != 0,
+            error: get(row, "error")?,
+            error_code: get(row, "error_code")?,
+            created_at: get(row, "created_at")?,
+        })
+    }
+}
+
+pub struct NewMessage<'a> {
+    pub id: &'a str,
+    pub conversation_id: &'a str,
+    pub role: MessageRole,
+    pub content: &'a str,
+    pub status: MessageStatus,
+    pub model: Option<&'a str>,
+    pub now: i64,
+}
+
+/// The final state of an assistant message.
+pub struct MessageUpdate<'a> {
+    pub content: &'a str,
+    pub status: MessageStatus,
+    pub model: Option<&'a str>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub usage_estimated: bool,
+    pub error: Option<&'a str>,
+    pub error_code: Option<&'a str>,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryItem {
+    pub conversation_id: String,
+    pub title: Option<String>,
+    pub last_message: Option<String>,
+    pub updated_at: i64,
+}
+
+/// `error_code` of a streaming message whose cancel was asked for elsewhere.
+const CANCEL_REQUESTED: &str = "cancel_requested";
+
+const CONVERSATION_COLUMNS: &str =
+    "id, user_id, title, system_prompt, model, message_count, last_message_at, created_at, updated_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, status, model, prompt_tokens, \
+     completion_tokens, usage_estimated, error, error_code, created_at";
+
+impl Store {
+    pub async fn insert_conversation(&self, c: &ConversationRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
+        )
+        .bind(&c.id)
+        .bind(&c.user_id)
+        .bind(&c.title)
+        .bind(&c.system_prompt)
+        .bind(&c.model)
+        .bind(c.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    pub async fn conversation(&self, id: &str, user_id: &str) -> StoreResult<Option<ConversationRecord>> {
+        let sql = format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND user_id = $2");
+        let row =
+            sqlx::query(AssertSqlSafe(sql)).bind(id).bind(user_id).fetch_optional(&self.pool).await.map_err(map_err)?;
+        row.map(|r| ConversationRecord::from_row(&r)).transpose().map_err(map_err)
+    }
+
+    /// A page of the user's conversations, newest activity first.
+    pub async fn list_conversations(
+        &self,
+        user_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<ConversationRecord>, i64)> {
+        let sql = format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 \
+             ORDER BY updated_at DESC, id DESC LIMIT $2 OFFSET $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let items = rows.iter().map(ConversationRecord::from_row).collect::<Result<Vec<_>, _>>().map_err(map_err)?;
+        Ok((items, self.count_conversations(user_id).await?))
+    }
+
+    async fn count_conversations(&self, user_id: &str) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM conversations WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    /// A page of the user's conversations with the text of their latest message.
+    pub async fn history(&self, user_id: &str, limit: i64, offset: i64) -> StoreResult<(Vec<HistoryItem>, i64)> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.title, c.updated_at, \
+               (SELECT m.content FROM messages m WHERE m.conversation_id = c.id \
+                ORDER BY m.created_at DESC, m.id DESC LIMIT 1) AS last_message \
+             FROM conversations c WHERE c.user_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2 OFFSET $3",
+        )
+        .bind(user_id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let items = rows
+            .iter()
+            .map(|r| {
+                Ok(HistoryItem {
+                    conversation_id: get(r, "id")?,
+                    title: get(r, "title")?,
+                    last_message: get(r, "last_message")?,
+                    updated_at: get(r, "updated_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(map_err)?;
+        Ok((items, self.count_conversations(user_id).await?))
+    }
+
+    pub async fn update_conversation(
+        &self,
+        id: &str,
+        user_id: &str,
+        patch: ConversationPatch,
+        now: i64,
+    ) -> StoreResult<Option<ConversationRecord>> {
+        let Some(mut c) = self.conversation(id, user_id).await? else { return Ok(None) };
+        if let Some(t) = patch.title {
+            c.title = t;
+        }
+        if let Some(p) = patch.system_prompt {
+            c.system_prompt = p;
+        }
+        if let Some(m) = patch.model {
+            c.model = m;
+        }
+        c.updated_at = now;
+        sqlx::query(
+            "UPDATE conversations SET title = $1, system_prompt = $2, model = $3, updated_at = $4 \
+             WHERE id = $5 AND user_id = $6",
+        )
+        .bind(&c.title)
+        .bind(&c.system_prompt)
+        .bind(&c.model)
+        .bind(now)
+        .bind(id)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(Some(c))
+    }
+
+    pub async fn delete_conversation(&self, id: &str, user_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM conversations WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Stores a message and bumps its conversation's counters in one
+    /// transaction; an untitled conversation takes `title_if_none`.
+    pub async fn insert_message(&self, m: NewMessage<'_>, title_if_none: Option<&str>) -> StoreResult<MessageRecord> {
+        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, role, content, status, model, usage_estimated, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7)",
+        )
+        .bind(m.id)
+        .bind(m.conversation_id)
+        .bind(m.role.as_str())
+        .bind(m.content)
+        .bind(m.status.as_str())
+        .bind(m.model)
+        .bind(m.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query(
+            "UPDATE conversations SET message_count = message_count + 1, last_message_at = $1, updated_at = $1, \
+             title = COALESCE(title, $2) WHERE id = $3",
+        )
+        .bind(m.now)
+        .bind(title_if_none)
+        .bind(m.conversation_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(MessageRecord {
+            id: m.id.to_owned(),
+            conversation_id: m.conversation_id.to_owned(),
+            role: m.role,
+            content: m.content.to_owned(),
+            status: m.status,
+            model: m.model.map(str::to_owned),
+            prompt_tokens: None,
+            completion_tokens: None,
+            usage_estimated: false,
+            error: None,
+            error_code: None,
+            created_at: m.now,
+        })
+    }
+
+    /// Writes an assistant message's final text, status and usage.
+    pub async fn finish_message(&self, id: &str, u: MessageUpdate<'_>) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE messages SET content = $1, status = $2, model = COALESCE($3, model), prompt_tokens = $4, \
+             completion_tokens = $5, usage_estimated = $6, error = $7, updated_at = $8, error_code = $10 WHERE id = $9",
+        )
+        .bind(u.content)
+        .bind(u.status.as_str())
+        .bind(u.model)
+        .bind(u.prompt_tokens)
+        .bind(u.completion_tokens)
+        .bind(i64::from(u.usage_estimated))
+        .bind(u.error)
+        .bind(u.now)
+        .bind(id)
+        .bind(u.error_code)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Marks `streaming` messages not written since `stale_before` failed,
+    /// keeping their partial text: their generator is gone.
+    pub async fn fail_stale_streaming(&self, error: &str, stale_before: i64, now: i64) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE messages SET status = 'failed', error = $1, error_code = 'interrupted', updated_at = $2 \
+             WHERE status = 'streaming' AND updated_at < $3",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Saves the text a reply has so far; also proves its generator alive.
+    /// Answers whether another instance asked for the reply to be cancelled.
+    pub async fn save_partial(&self, id: &str, content: &str, now: i64) -> StoreResult<bool> {
+        let row = sqlx::query(
+            "UPDATE messages SET content = $1, updated_at = $2 WHERE id = $3 AND status = 'streaming' \
+             RETURNING error_code",
+        )
+        .bind(content)
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let code: Option<String> = match row {
+            Some(r) => get(&r, "error_code").map_err(map_err)?,
+            None => None,
+        };
+        Ok(code.as_deref() == Some(CANCEL_REQUESTED))
+    }
+
+    /// Asks the instance generating a reply to cancel it (it sees the
+    /// request at its next save); false when the reply is not streaming.
+    pub async fn request_cancel(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE messages SET error_code = $1 WHERE id = $2 AND status = 'streaming'")
+            .bind(CANCEL_REQUESTED)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn message(&self, conversation_id: &str, id: &str) -> StoreResult<Option<MessageRecord>> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND conversation_id = $2");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(conversation_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.map(|r| MessageRecord::from_row(&r)).transpose().map_err(map_err)
+    }
+
+    /// Up to `limit` messages before the cursor message (or the newest ones),
+    /// oldest first, and whether older ones exist.
+    pub async fn list_messages(
+        &self,
+        conversation_id: &str,
+        before: Option<&MessageRecord>,
+        limit: i64,
+    ) -> StoreResult<(Vec<MessageRecord>, bool)> {
+        let rows = match before {
+            Some(b) => {
+                let sql = format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 \
+                     AND (created_at < $2 OR (created_at = $2 AND id < $3)) \
+                     ORDER BY created_at DESC, id DESC LIMIT $4"
+                );
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(conversation_id)
+                    .bind(b.created_at)
+                    .bind(&b.id)
+                    .bind(limit + 1)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 \
+                     ORDER BY created_at DESC, id DESC LIMIT $2"
+                );
+                sqlx::query(AssertSqlSafe(sql)).bind(conversation_id).bind(limit + 1).fetch_all(&self.pool).await
+            }
+        }
+        .map_err(map_err)?;
+        let mut items = rows.iter().map(MessageRecord::from_row).collect::<Result<Vec<_>, _>>().map_err(map_err)?;
+        let has_more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        items.reverse();
+        Ok((items, has_more))
+    }
+}

@@ -1,0 +1,24 @@
+//! End-to-end API tests: each test spawns the real server on port 0 with a
+//! fresh database (SQLite, and PostgreSQL when reachable), the mock OpenAI
+//! provider and a manual clock, then talks to it over HTTP.
+//!
+//! Run: `cargo test --test api` (PostgreSQL from `PALAVER_TEST_POSTGRES_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/test`; with `CI=true` an
+//! unreachable PostgreSQL fails the postgres tests instead of skipping them).
+
+mod helpers;
+mod mock_openai;
+
+mod admin;
+mod auth;
+mod chat;
+mod conversations;
+mod crash;
+mod idempotency;
+mod login_protection;
+mod ops;
+mod robustness;
+mod streaming;
+mod support;
+mod users;
+mod websocket;

@@ -1,0 +1,262 @@
+//! SPEC §7 operations: /health, /ready, /openapi.json, the documentation pages
+//! (assets served by the binary, no CDN), request ids, restarts, and JSON
+//! answers for unknown routes and methods.
+
+use palaver::config::Secret;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{Fetch, PASSWORD, TestApp, db_tests, expected_turns, turns};
+use crate::mock_openai::echo_of;
+
+db_tests!(
+    health_answers_ok,
+    ready_answers_200_when_the_database_answers,
+    ready_checks_redis_when_it_is_configured,
+    every_response_carries_a_request_id,
+    a_client_request_id_is_echoed,
+    openapi_describes_the_api,
+    swagger_ui_is_served_with_its_own_assets,
+    redoc_is_served_with_its_own_script,
+    unknown_routes_are_json_404,
+    wrong_methods_are_json_405,
+    data_survives_a_restart,
+);
+
+async fn health_answers_ok(app: TestApp) {
+    let response = app.get("/health").fetch().await;
+    response.assert_status(StatusCode::OK).assert_json();
+    assert_eq!(response.body, json!({ "status": "ok" }));
+}
+
+async fn ready_answers_200_when_the_database_answers(app: TestApp) {
+    let response = app.get("/ready").fetch().await;
+    response.assert_status(StatusCode::OK);
+}
+
+async fn ready_checks_redis_when_it_is_configured(mut app: TestApp) {
+    let body = app.get("/ready").fetch().await.body;
+    assert_eq!(body["database"], "ok");
+    assert!(body.get("redis").is_none(), "no Redis configured: {body}");
+
+    // A Redis nobody listens on: 503 naming it.
+    app.restart_with(|s| s.redis_url = Some(Secret("redis://127.0.0.1:1".into()))).await;
+    let response = app.get("/ready").fetch().await;
+    response.assert_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+    assert_eq!(response.body["down"], json!(["redis"]));
+    assert_eq!(response.body["database"], "ok");
+
+    // The machine's Redis: ready.
+    let Some(url) = crate::helpers::redis_url().await else { return };
+    app.restart_with(|s| s.redis_url = Some(Secret(url))).await;
+    let response = app.get("/ready").fetch().await;
+    response.assert_status(StatusCode::OK);
+    assert_eq!(response.body["redis"], "ok");
+}
+
+async fn every_response_carries_a_request_id(app: TestApp) {
+    let user = app.signup().await;
+    let responses = [
+        ("health", app.get("/health").fetch().await),
+        ("404", app.get("/no/such/route").fetch().await),
+        ("401", app.get("/api/users/me").fetch().await),
+        ("200", app.me(&user).await),
+        ("422", app.post("/api/auth/register").json(&json!({})).fetch().await),
+        ("400", app.post("/api/auth/register").header("content-type", "application/json").body("{").fetch().await),
+        ("openapi", app.get("/openapi.json").fetch().await),
+    ];
+    let mut ids = Vec::new();
+    for (what, response) in responses {
+        let id = response.header("x-request-id").unwrap_or_else(|| panic!("{what} answer without X-Request-Id"));
+        assert!(!id.is_empty(), "{what}: empty X-Request-Id");
+        ids.push(id.to_owned());
+    }
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "request ids are unique: {ids:?}");
+}
+
+async fn a_client_request_id_is_echoed(app: TestApp) {
+    let ok = app.get("/health").header("x-request-id", "abc-123").fetch().await;
+    assert_eq!(ok.header("x-request-id"), Some("abc-123"));
+    let error = app.get("/api/users/me").header("x-request-id", "abc-124").fetch().await;
+    error.assert_status(StatusCode::UNAUTHORIZED);
+    assert_eq!(error.header("x-request-id"), Some("abc-124"));
+    let not_found = app.get("/nowhere").header("x-request-id", "abc-125").fetch().await;
+    assert_eq!(not_found.header("x-request-id"), Some("abc-125"));
+}
+
+async fn openapi_describes_the_api(app: TestApp) {
+    let response = app.get("/openapi.json").fetch().await;
+    response.assert_status(StatusCode::OK).assert_json();
+    let doc = &response.body;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')), "openapi version: {}", doc["openapi"]);
+    let paths = doc["paths"].as_object().expect("paths");
+    for path in [
+        "/api/auth/register",
+        "/api/auth/login",
+        "/api/auth/refresh",
+        "/api/auth/logout",
+        "/api/auth/sessions",
+        "/api/users/me",
+        "/api/conversations",
+        "/api/conversations/{id}",
+        "/api/conversations/{id}/messages",
+        "/api/chat",
+        "/api/history",
+        "/api/models",
+        "/api/admin/users",
+        "/health",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} is not documented; documented: {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
+    }
+    assert!(paths["/api/auth/register"]["post"].is_object());
+}
+
+/// `src`/`href` values in an HTML page.
+fn references(html: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for attr in ["src=", "href="] {
+        let mut rest = html;
+        while let Some(i) = rest.find(attr) {
+            rest = &rest[i + attr.len()..];
+            let quote = rest.chars().next().unwrap_or(' ');
+            if (quote == '"' || quote == '\'')
+                && let Some(end) = rest[1..].find(quote)
+            {
+                found.push(rest[1..1 + end].to_owned());
+            }
+        }
+    }
+    found
+}
+
+fn mentions_a_cdn(html: &str) -> bool {
+    let lower = html.to_lowercase();
+    ["cdn", "unpkg.com", "jsdelivr", "googleapis.com"].iter().any(|c| lower.contains(c))
+}
+
+async fn swagger_ui_is_served_with_its_own_assets(app: TestApp) {
+    let response = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let page_url = response.url().clone();
+    let ct = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("text/html"), "content type {ct}");
+    let html = response.text().await.unwrap();
+    assert!(html.to_lowercase().contains("swagger"), "not a Swagger UI page");
+    assert!(!mentions_a_cdn(&html), "the docs page loads from a CDN:\n{html}");
+
+    let assets: Vec<_> = references(&html)
+        .into_iter()
+        .filter(|r| !r.starts_with('#') && !r.starts_with("data:"))
+        .map(|r| page_url.join(&r).unwrap())
+        .collect();
+    assert!(assets.iter().any(|u| u.path().ends_with(".css")), "no stylesheet in {assets:?}");
+    assert!(assets.iter().any(|u| u.path().ends_with(".js")), "no script in {assets:?}");
+    for url in &assets {
+        assert_eq!(url.host_str(), Some("127.0.0.1"), "{url} is not served by Palaver");
+        let asset = app.client.get(url.clone()).send().await.unwrap();
+        assert_eq!(asset.status(), StatusCode::OK, "{url}");
+        assert!(!asset.bytes().await.unwrap().is_empty(), "{url} is empty");
+    }
+
+    for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"] {
+        let response = app.get(asset).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{asset}");
+    }
+}
+
+async fn redoc_is_served_with_its_own_script(app: TestApp) {
+    let response = app.client.get(app.url("/redoc")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let page_url = response.url().clone();
+    let ct = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with("text/html"), "content type {ct}");
+    let html = response.text().await.unwrap();
+    assert!(html.to_lowercase().contains("redoc"), "not a ReDoc page");
+    assert!(!mentions_a_cdn(&html), "the ReDoc page loads from a CDN:\n{html}");
+
+    let scripts: Vec<_> = references(&html).into_iter().filter(|r| r.ends_with(".js") || r.contains(".js?")).collect();
+    assert!(!scripts.is_empty(), "ReDoc without a script src:\n{html}");
+    for script in scripts {
+        let url = page_url.join(&script).unwrap();
+        assert_eq!(url.host_str(), Some("127.0.0.1"), "{url} is not served by Palaver");
+        let asset = app.client.get(url.clone()).send().await.unwrap();
+        assert_eq!(asset.status(), StatusCode::OK, "{url}");
+        let ct = asset.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(ct.contains("javascript"), "{url} served as {ct:?}");
+        assert!(asset.bytes().await.unwrap().len() > 1000, "{url} is not the ReDoc bundle");
+    }
+}
+
+async fn unknown_routes_are_json_404(app: TestApp) {
+    for path in ["/nope", "/api/nope", "/api/conversations/00000000-0000-4000-8000-000000000000/nope"] {
+        let response = app.get(path).fetch().await;
+        // Unknown nested paths may also be authenticated first; either way JSON.
+        if response.status == StatusCode::UNAUTHORIZED {
+            response.assert_unauthorized();
+        } else {
+            response.assert_error(StatusCode::NOT_FOUND, "not_found");
+        }
+    }
+    app.get("/nope").fetch().await.assert_error(StatusCode::NOT_FOUND, "not_found");
+    app.post("/api/nope").json(&json!({})).fetch().await.assert_error(StatusCode::NOT_FOUND, "not_found");
+}
+
+async fn wrong_methods_are_json_405(app: TestApp) {
+    for (method, path) in
+        [("DELETE", "/health"), ("PUT", "/api/auth/register"), ("GET", "/api/auth/login"), ("POST", "/api/models")]
+    {
+        let response = app.request(method.parse().unwrap(), path).fetch().await;
+        assert_eq!(response.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {}", response.text);
+        response.assert_error_shape();
+    }
+}
+
+async fn data_survives_a_restart(mut app: TestApp) {
+    let user = app.signup().await;
+    let c = app.create_conversation(&user, json!({ "title": "Keep me", "system_prompt": "Remember." })).await;
+    let id = c["id"].as_str().unwrap().to_owned();
+    app.say(&user, &id, "first").await;
+    app.tick();
+    app.say(&user, &id, "second").await;
+
+    app.restart().await;
+
+    app.get("/ready").fetch().await.assert_status(StatusCode::OK);
+    // Tokens issued before the restart stay valid: the secret is the same.
+    app.me(&user).await.assert_status(StatusCode::OK);
+    let again = app.login(json!({ "login": user.email, "password": PASSWORD })).await;
+    again.assert_status(StatusCode::OK);
+    assert_eq!(again.body["user"]["id"], user.id.as_str());
+    let mut user = user.clone();
+    user.token = again.str("access_token").to_owned();
+
+    let list = app.get("/api/conversations").bearer_auth(&user.token).fetch().await;
+    list.assert_status(StatusCode::OK);
+    assert_eq!(list.body["total"], 1);
+    let restored = app.conversation(&user, &id).await;
+    restored.assert_status(StatusCode::OK);
+    assert_eq!(restored.body["title"], "Keep me");
+    assert_eq!(restored.body["system_prompt"], "Remember.");
+    assert_eq!(restored.body["message_count"], 4);
+    assert_eq!(
+        turns(restored.body["messages"].as_array().unwrap()),
+        expected_turns(&[
+            ("user", "first"),
+            ("assistant", &echo_of("first")),
+            ("user", "second"),
+            ("assistant", &echo_of("second")),
+        ])
+    );
+
+    // The conversation carries on after the restart, with its history.
+    app.tick();
+    app.say(&user, &id, "third").await;
+    assert_eq!(app.provider.last_request().messages().len(), 6);
+}

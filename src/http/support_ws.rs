@@ -111,17 +111,58 @@ enum Side {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Frame {
-    Message { content: Value, session_id: Option<String> },
+    Message {
+        content: Value,
+        session_id: Option<String>,
+    },
     RequestHuman,
-    ClaimSession { session_id: String },
-    CloseSession { session_id: String },
+    ClaimSession {
+        session_id: String,
+    },
+    /// Not in the SPEC's list: the socket twin of `POST …/release`.
+    ReleaseSession {
+        session_id: String,
+    },
+    CloseSession {
+        session_id: String,
+    },
     Ping,
 }
 
-type Out = mpsc::Sender<Message>;
+/// The socket's outgoing queue (bounded: a visitor who stops reading is
+/// dropped and can reconnect with `?since=`), and the last status a visitor
+/// was told, so queue changes that leave their place as it was send nothing.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<Message>,
+    last_status: Arc<std::sync::Mutex<Value>>,
+}
+
+impl Out {
+    fn try_send(&self, m: Message) -> bool {
+        self.tx.try_send(m).is_ok()
+    }
+
+    /// True when this status differs from the last one sent (and records it).
+    fn status_is_news(&self, frame: &Value) -> bool {
+        let key = json!([frame["status"], frame["queue_position"], frame["estimated_wait_seconds"], frame["agent"]]);
+        let mut last = self.last_status.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == key {
+            return false;
+        }
+        *last = key;
+        true
+    }
+}
 
 fn send(out: &Out, frame: Value) -> bool {
-    out.try_send(Message::Text(Utf8Bytes::from(frame.to_string()))).is_ok()
+    out.try_send(Message::Text(Utf8Bytes::from(frame.to_string())))
+}
+
+/// A visitor's status frame: logged ones always go out, derived ones
+/// (greeting, queue moves) only when something changed.
+fn send_status(out: &Out, frame: Value, logged: bool) -> bool {
+    if out.status_is_news(&frame) || logged { send(out, frame) } else { true }
 }
 
 fn send_error(out: &Out, e: &ApiError) {
@@ -132,7 +173,8 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     let kind = if matches!(side, Side::Client { .. }) { "support_client" } else { "support_agent" };
     metrics::gauge!("palaver_open_sockets", "kind" => kind).increment(1.0);
     let (mut sink, mut stream) = socket.split();
-    let (out, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
+    let out = Out { tx, last_status: Default::default() };
     // Subscribe before replaying, so nothing falls between the two.
     let mut bus = state.support.bus.subscribe();
     let writer = tokio::spawn(async move {
@@ -177,8 +219,11 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
             msg = bus.recv() => {
                 alive = match msg {
                     Ok(BusMessage::Event(e)) => deliver(&state, &side, &out, e, &mut seen).await,
+                    // Events may have been missed (Redis came back, or this
+                    // socket fell behind): the log has the lasting ones, and
+                    // the queue is read afresh.
                     Ok(BusMessage::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        replay(&state, &side, &out, &mut seen).await
+                        replay(&state, &side, &out, &mut seen).await && queue_update(&state, &side, &out).await
                     }
                     Err(broadcast::error::RecvError::Closed) => false,
                 };
@@ -264,10 +309,10 @@ async fn frame_for(
             send(out, json!({ "type": "delta", "message_id": payload["message_id"], "text": payload["text"] }))
         }
         (Side::Client { .. }, "status") => {
-            let ok = send(out, status_frame(&payload, seq));
+            let ok = send_status(out, status_frame(&payload, seq), seq.is_some());
             if payload["status"] == "closed" {
                 let reason = Utf8Bytes::from_static("support session closed");
-                let _ = out.try_send(Message::Close(Some(CloseFrame { code: 1000, reason })));
+                out.try_send(Message::Close(Some(CloseFrame { code: 1000, reason })));
                 return false;
             }
             ok
@@ -347,7 +392,7 @@ async fn queue_update(state: &AppState, side: &Side, out: &Out) -> bool {
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) if s.status == SupportStatus::Queued => {
                 let Ok(payload) = session_json(state, &s).await else { return true };
-                send(out, status_frame(&payload, None))
+                send_status(out, status_frame(&payload, None), false)
             }
             _ => true,
         },
@@ -380,6 +425,9 @@ fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
                     Ok(c) => desk::agent_send(&state, id, &session_id, c).await.map(|_| ()),
                     Err(e) => Err(e),
                 }
+            }
+            (Side::Agent { id, .. }, Frame::ReleaseSession { session_id }) => {
+                desk::release(&state, id, &session_id).await.map(|_| ())
             }
             (Side::Agent { id, admin }, Frame::CloseSession { session_id }) => {
                 desk::close(&state, id, *admin, &session_id).await.map(|_| ())

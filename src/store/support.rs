@@ -177,9 +177,16 @@ impl Store {
     }
 
     /// `ai` → `queued` at the tail; false when the session is not in AI mode.
+    ///
+    /// `queued_at` orders the queue, so it is kept strictly after every session
+    /// already waiting: two handoffs within one millisecond still queue in the
+    /// order they arrived (ties would otherwise fall back to the random id).
     pub async fn enqueue_support_session(&self, id: &str, now: i64) -> StoreResult<bool> {
         let done = sqlx::query(
-            "UPDATE support_sessions SET status = 'queued', queued_at = $1, updated_at = $1 WHERE id = $2 AND status = 'ai'",
+            "UPDATE support_sessions SET status = 'queued', updated_at = $1, \
+             queued_at = (SELECT CASE WHEN MAX(q.queued_at) >= $1 THEN MAX(q.queued_at) + 1 ELSE $1 END \
+                          FROM support_sessions q WHERE q.status = 'queued') \
+             WHERE id = $2 AND status = 'ai'",
         )
         .bind(now)
         .bind(id)

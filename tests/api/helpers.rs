@@ -145,7 +145,7 @@ impl TestDatabase {
         Some(Self { url, pg_schema: Some((schema, base)) })
     }
 
-    async fn drop_schema(&self) {
+    pub async fn drop_schema(&self) {
         let Some((schema, base)) = &self.pg_schema else { return };
         if let Ok(mut conn) = sqlx::AnyConnection::connect(base).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
@@ -207,6 +207,14 @@ pub struct TestApp {
     _data_dir: tempfile::TempDir,
 }
 
+/// A second server process on the same database (see `TestApp::sibling`).
+pub struct Sibling {
+    /// `http://127.0.0.1:<port>`
+    pub address: String,
+    pub port: u16,
+    _server: Server,
+}
+
 pub async fn spawn_app(db: Db) -> Option<TestApp> {
     let (settings, data_dir, database, clock, provider) = test_settings(db).await?;
     let server = start_server(settings.clone(), clock.clone()).await;
@@ -229,8 +237,14 @@ pub async fn spawn_app(db: Db) -> Option<TestApp> {
 /// test can `kill -9` it and read its memory use. Replies are saved every
 /// 100 ms.
 pub async fn spawn_process_app(db: Db) -> Option<TestApp> {
+    spawn_process_app_with(db, |_| {}).await
+}
+
+/// `spawn_process_app` with changed settings (e.g. a `redis_url`).
+pub async fn spawn_process_app_with(db: Db, change: impl FnOnce(&mut Settings)) -> Option<TestApp> {
     let (mut settings, data_dir, database, clock, provider) = test_settings(db).await?;
     settings.stream_flush_ms = 100;
+    change(&mut settings);
     let server = start_process(&settings, 0).await;
     Some(TestApp {
         address: format!("http://127.0.0.1:{}", server.port),
@@ -324,9 +338,13 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
     let log_path = settings.data_dir.join(format!("server-{n}.log"));
     let log = std::fs::File::create(&log_path).expect("create the server log");
     let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned()).unwrap_or_default();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_palaver"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_palaver"));
+    command.env_clear();
+    if let Some(redis) = &settings.redis_url {
+        command.env("REDIS_URL", redis.expose());
+    }
+    let child = command
         .arg("serve")
-        .env_clear()
         .current_dir(&settings.data_dir)
         .env("PALAVER_BIND", format!("127.0.0.1:{port}"))
         .env("PALAVER_DATA_DIR", &settings.data_dir)
@@ -387,6 +405,15 @@ impl TestApp {
         };
         self.port = self.server.port;
         self.address = format!("http://127.0.0.1:{}", self.port);
+    }
+
+    /// Another `palaver` process on the same settings and database (another
+    /// instance behind the same load balancer); stopped when dropped.
+    pub async fn sibling(&mut self) -> Sibling {
+        assert!(matches!(self.server.run, Running::Process(_)), "siblings go with spawn_process_app");
+        self.restarts += 1;
+        let server = start_process(&self.settings, self.restarts).await;
+        Sibling { address: format!("http://127.0.0.1:{}", server.port), port: server.port, _server: server }
     }
 
     /// `kill -9` of a server process: no shutdown, no last writes.

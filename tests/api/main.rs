@@ -20,5 +20,7 @@ mod ops;
 mod robustness;
 mod streaming;
 mod support;
+mod support_cluster;
+mod support_ws;
 mod users;
 mod websocket;

@@ -14,14 +14,16 @@ db_tests!(
     exactly_one_of_ten_concurrent_claims_wins,
     agent_routes_are_for_agents_and_admins_only,
     a_client_token_opens_only_its_own_session,
+    session_creation_is_rate_limited_per_client_address,
 );
 
-struct Visitor {
-    id: String,
-    token: String,
+pub struct Visitor {
+    pub id: String,
+    pub token: String,
 }
 
-async fn visitor(app: &TestApp, name: &str) -> Visitor {
+/// A new support session in AI mode.
+pub async fn visitor(app: &TestApp, name: &str) -> Visitor {
     let r = app
         .post("/api/support/sessions")
         .json(&json!({ "client_info": { "name": name, "email": format!("{name}@example.com") } }))
@@ -50,7 +52,8 @@ async fn session(app: &TestApp, v: &Visitor) -> Value {
     r.body
 }
 
-async fn agent(app: &TestApp) -> TestUser {
+/// A new user with the agent role.
+pub async fn agent(app: &TestApp) -> TestUser {
     let user = app.signup().await;
     app.set_role(&user, "agent").await;
     user
@@ -258,4 +261,29 @@ async fn a_client_token_opens_only_its_own_session(app: TestApp) {
     // Staff-only routes refuse a client token's own session too.
     app.post(&format!("/api/agent/sessions/{}/claim", a.id)).bearer_auth(&a.token).fetch().await.assert_unauthorized();
     assert_eq!(session(&app, &a).await["status"], "ai");
+}
+
+async fn session_creation_is_rate_limited_per_client_address(app: TestApp) {
+    let limit = app.settings.support_sessions_per_ip;
+    for _ in 0..limit {
+        visitor(&app, "many").await;
+    }
+    let create = || {
+        app.post("/api/support/sessions")
+            .json(&json!({ "client_info": { "name": "more", "email": "more@example.com" } }))
+            .fetch()
+    };
+    let refused = create().await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry_after: u64 = refused.header("retry-after").expect("a Retry-After header").parse().unwrap();
+    assert!((1..=600).contains(&retry_after), "{retry_after}");
+    // Invalid requests are answered 422 without using up the allowance...
+    app.advance(std::time::Duration::from_secs(retry_after));
+    app.post("/api/support/sessions")
+        .json(&json!({ "client_info": {} }))
+        .fetch()
+        .await
+        .assert_status(StatusCode::UNPROCESSABLE_ENTITY);
+    // ...and once the window has passed, sessions open again.
+    create().await.assert_status(StatusCode::CREATED);
 }

@@ -111,9 +111,19 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<Secret>,
 
-    /// Redis for running several instances (reserved; a single instance needs none).
+    /// Redis for running several instances: the support desk's live events and
+    /// the rate limits are shared through it. A single instance needs none.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
     pub redis_url: Option<Secret>,
+
+    /// Prefix of the Redis keys and channel Palaver uses (deployments sharing one Redis need different ones).
+    #[arg(long, env = "PALAVER_REDIS_PREFIX", default_value = "palaver", global = true)]
+    pub redis_prefix: String,
+
+    /// Comma-separated addresses or CIDR ranges of reverse proxies whose
+    /// X-Forwarded-For names the client (for rate limits and logs), e.g. `10.0.0.0/8`.
+    #[arg(long, env = "PALAVER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy, global = true)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Signing secret for tokens, at least 32 characters in production.
     #[arg(long, env = "SECRET_KEY", hide_env_values = true, global = true)]
@@ -247,6 +257,14 @@ If you cannot help, tell the visitor they can ask to talk to a human agent.",
     /// Seconds that open requests get to finish after SIGTERM.
     #[arg(long, env = "PALAVER_SHUTDOWN_GRACE", default_value_t = 30, global = true)]
     pub shutdown_grace: u64,
+}
+
+/// A proxy address (`10.1.2.3`, `::1`) or range (`10.0.0.0/8`).
+fn parse_proxy(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR range such as 10.0.0.0/8"))
 }
 
 impl Settings {

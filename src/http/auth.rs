@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use std::net::SocketAddr;
-
 use axum::{
-    Extension, Json,
-    extract::{ConnectInfo, FromRequest, Request, State},
+    Json,
+    extract::{FromRequest, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -18,7 +16,7 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, CSRF_COOKIE, SESSION_COOKIE, UuidPath, is_json, parse_json, read_body},
+    extract::{ApiJson, AuthUser, CSRF_COOKIE, ClientIp, SESSION_COOKIE, UuidPath, is_json, parse_json, read_body},
     views::{ErrorBody, Items, UserView},
 };
 use crate::{
@@ -153,7 +151,7 @@ impl FromRequest<Arc<AppState>> for LoginForm {
         (status = 429, body = ErrorBody, description = "Too many failed logins; see Retry-After")))]
 pub async fn login(
     State(state): State<Arc<AppState>>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: ClientIp,
     headers: HeaderMap,
     LoginForm(body): LoginForm,
 ) -> ApiResult<Response> {
@@ -161,12 +159,15 @@ pub async fn login(
     if body.login.chars().count() > 254 || body.password.chars().count() > 128 || body.login.contains('\0') {
         return Err(ApiError::BadCredentials);
     }
-    let address_key = format!("ip:{}", peer.map_or_else(|| "unknown".to_owned(), |p| p.0.0.ip().to_string()));
+    let address_key = client.key();
     let account_key = format!("account:{}", body.login.trim().to_lowercase());
     let now = state.clock.now_ms();
     let throttle = &state.login_throttle;
-    let blocked =
-        throttle.per_address.blocked_for(&address_key, now).max(throttle.per_account.blocked_for(&account_key, now));
+    let blocked = throttle
+        .per_address
+        .blocked_for(&address_key, now)
+        .await
+        .max(throttle.per_account.blocked_for(&account_key, now).await);
     if let Some(ms) = blocked {
         return Err(ApiError::TooManyRequests {
             code: "too_many_attempts",
@@ -179,12 +180,12 @@ pub async fn login(
     let user = match user {
         Some(u) if ok => u,
         _ => {
-            throttle.per_address.record_failure(&address_key, now);
-            throttle.per_account.record_failure(&account_key, now);
+            throttle.per_address.record(&address_key, now).await;
+            throttle.per_account.record(&account_key, now).await;
             return Err(ApiError::BadCredentials);
         }
     };
-    throttle.per_account.reset(&account_key);
+    throttle.per_account.reset(&account_key).await;
     if user.is_disabled() {
         return Err(ApiError::forbidden("account_disabled", "This account is disabled."));
     }

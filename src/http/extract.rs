@@ -23,6 +23,48 @@ pub const SESSION_COOKIE: &str = "palaver_session";
 pub const CSRF_COOKIE: &str = "palaver_csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
+/// The client's address, for rate limits: the connection's peer or, when
+/// that peer is a trusted proxy (PALAVER_TRUSTED_PROXIES), the rightmost
+/// `X-Forwarded-For` entry that is not a trusted proxy itself (entries to
+/// its left are whatever the client chose to send, so they count for nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<std::net::IpAddr>);
+
+impl ClientIp {
+    /// A rate-limit key: `ip:<address>`.
+    pub fn key(&self) -> String {
+        match self.0 {
+            Some(ip) => format!("ip:{ip}"),
+            None => "ip:unknown".to_owned(),
+        }
+    }
+}
+
+pub fn client_ip(
+    peer: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<std::net::IpAddr> {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let peer = peer?;
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded =
+        headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let hops: Vec<std::net::IpAddr> = forwarded.filter_map(|h| h.trim().parse().ok()).collect();
+    Some(hops.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer))
+}
+
+impl FromRequestParts<Arc<AppState>> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+        Ok(ClientIp(client_ip(peer, &parts.headers, &state.settings.trusted_proxies)))
+    }
+}
+
 /// The caller, authenticated by Bearer access token or session cookie.
 #[derive(Debug, Clone)]
 pub struct AuthUser {
@@ -350,5 +392,36 @@ mod tests {
         assert!(is_json("application/json; charset=utf-8"));
         assert!(is_json("application/merge-patch+json"));
         assert!(!is_json("text/plain"));
+    }
+}
+
+#[cfg(test)]
+mod client_ip_tests {
+    use super::{HeaderMap, client_ip};
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", v.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn only_a_trusted_peer_may_name_the_client() {
+        let trusted = ["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let ip = |s: &str| Some(s.parse().unwrap());
+        let spoof = forwarded(&["6.6.6.6"]);
+        assert_eq!(client_ip(ip("192.0.2.1"), &spoof, &trusted), ip("192.0.2.1"), "untrusted peer");
+        assert_eq!(client_ip(ip("10.1.2.3"), &spoof, &trusted), ip("6.6.6.6"));
+        assert_eq!(client_ip(ip("::1"), &forwarded(&["2001:db8::7"]), &trusted), ip("2001:db8::7"));
+        // The rightmost untrusted hop wins, across repeated headers; junk is skipped.
+        let chain = forwarded(&["6.6.6.6, 198.51.100.9", "garbage, 10.0.0.2"]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &chain, &trusted), ip("198.51.100.9"));
+        // Nothing usable forwarded: the proxy itself.
+        assert_eq!(client_ip(ip("10.0.0.1"), &forwarded(&["10.9.9.9", "nonsense"]), &trusted), ip("10.0.0.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &HeaderMap::new(), &trusted), ip("10.0.0.1"));
+        assert_eq!(client_ip(None, &spoof, &trusted), None);
+        assert_eq!(client_ip(ip("10.0.0.1"), &spoof, &[]), ip("10.0.0.1"), "nothing trusted by default");
     }
 }

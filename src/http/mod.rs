@@ -59,17 +59,21 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// Failed logins counted per client address and per account (SPEC §6).
+/// Failed logins counted per client address and per account (SPEC §6),
+/// across instances when Redis is configured.
 pub struct LoginThrottle {
-    pub per_address: crate::domain::throttle::FailureThrottle,
-    pub per_account: crate::domain::throttle::FailureThrottle,
+    pub per_address: crate::realtime::limits::Limiter,
+    pub per_account: crate::realtime::limits::Limiter,
 }
 
-impl Default for LoginThrottle {
-    fn default() -> Self {
-        use crate::domain::throttle::FailureThrottle;
+impl LoginThrottle {
+    pub fn new(shared: Option<Arc<crate::realtime::limits::SharedCounters>>) -> Self {
+        use crate::realtime::limits::Limiter;
         const WINDOW_MS: i64 = 15 * 60 * 1000;
-        Self { per_address: FailureThrottle::new(30, WINDOW_MS), per_account: FailureThrottle::new(10, WINDOW_MS) }
+        Self {
+            per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
+            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
+        }
     }
 }
 

@@ -2,11 +2,11 @@
 //! and /api/agent (agents and admins): the REST half of the support desk.
 //! The rules live in `realtime::support`; these handlers extract and map.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
-    Extension, Json,
-    extract::{ConnectInfo, FromRequestParts, State},
+    Json,
+    extract::{FromRequestParts, State},
     http::{HeaderMap, StatusCode, request::Parts},
 };
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, Cursor, Pagination, UuidPath, bearer},
+    extract::{ApiJson, AuthUser, ClientIp, Cursor, Pagination, UuidPath, bearer},
     streaming::idempotency_key,
     views::ErrorBody,
 };
@@ -88,12 +88,12 @@ pub struct CreateSessionBody {
         (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn create_session(
     State(state): State<Arc<AppState>>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: ClientIp,
     ApiJson(body): ApiJson<CreateSessionBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let address = format!("ip:{}", peer.map_or_else(|| "unknown".to_owned(), |p| p.0.0.ip().to_string()));
+    let address = client.key();
     let now = state.clock.now_ms();
-    if let Some(ms) = state.support.creations.blocked_for(&address, now) {
+    if let Some(ms) = state.support.creations.blocked_for(&address, now).await {
         return Err(ApiError::TooManyRequests {
             code: "rate_limited",
             detail: "Too many support sessions from this address; try again later.".into(),
@@ -104,7 +104,7 @@ pub async fn create_session(
     let info = body.client_info;
     let client = ClientInfo::parse(&mut v, info.name, info.email, info.phone);
     v.finish().map_err(ApiError::invalid)?;
-    state.support.creations.record_failure(&address, now);
+    state.support.creations.record(&address, now).await;
     let (session, token) = desk::create_session(&state, client.expect("validated above")).await?;
     Ok((
         StatusCode::CREATED,

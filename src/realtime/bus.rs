@@ -22,7 +22,6 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-const CHANNEL: &str = "palaver:support";
 /// Events a slow socket may fall behind before it resynchronises from the log.
 const LOCAL_BUFFER: usize = 4096;
 
@@ -66,13 +65,15 @@ impl SupportBus {
     /// An in-process bus; with a Redis client, also the subscriber task that
     /// feeds it from Redis and the publisher task that feeds Redis (both
     /// reconnecting until `stop`).
-    pub async fn start(redis: Option<&redis::Client>, stop: CancellationToken) -> Self {
+    /// Events go through the Redis channel `<prefix>:support`.
+    pub async fn start(redis: Option<&redis::Client>, prefix: &str, stop: CancellationToken) -> Self {
         let (local, _) = broadcast::channel(LOCAL_BUFFER);
         let owes_resync = Arc::new(AtomicBool::new(false));
         let Some(client) = redis else { return Self { local, outbox: None, owes_resync } };
-        tokio::spawn(subscribe_loop(client.clone(), local.clone(), stop.clone()));
+        let channel = format!("{prefix}:support");
+        tokio::spawn(subscribe_loop(client.clone(), channel.clone(), local.clone(), stop.clone()));
         let (outbox, pending) = mpsc::channel(OUTBOX);
-        tokio::spawn(publish_loop(client.clone(), pending, local.clone(), owes_resync.clone(), stop));
+        tokio::spawn(publish_loop(client.clone(), channel, pending, local.clone(), owes_resync.clone(), stop));
         Self { local, outbox: Some(outbox), owes_resync }
     }
 
@@ -107,6 +108,7 @@ impl SupportBus {
 /// subscriptions may never have broken, so they would not resync on their own.
 async fn publish_loop(
     client: redis::Client,
+    channel: String,
     mut pending: mpsc::Receiver<BusEvent>,
     local: broadcast::Sender<BusMessage>,
     owes_resync: Arc<AtomicBool>,
@@ -142,7 +144,7 @@ async fn publish_loop(
             // A connection broken by a Redis restart fails once, then the
             // manager reconnects: one retry covers that.
             for _ in 0..2 {
-                match publish(&client, &config, &mut manager, &payload).await {
+                match publish(&client, &config, &mut manager, &channel, &payload).await {
                     Ok(()) => {
                         sent = true;
                         break;
@@ -171,22 +173,28 @@ async fn publish(
     client: &redis::Client,
     config: &redis::aio::ConnectionManagerConfig,
     manager: &mut Option<redis::aio::ConnectionManager>,
+    channel: &str,
     payload: &str,
 ) -> redis::RedisResult<()> {
     if manager.is_none() {
         *manager = Some(redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone()).await?);
     }
     let mut conn = manager.clone().expect("connected above");
-    redis::cmd("PUBLISH").arg(CHANNEL).arg(payload).query_async::<i64>(&mut conn).await.map(|_| ())
+    redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn).await.map(|_| ())
 }
 
-async fn subscribe_loop(client: redis::Client, local: broadcast::Sender<BusMessage>, stop: CancellationToken) {
+async fn subscribe_loop(
+    client: redis::Client,
+    channel: String,
+    local: broadcast::Sender<BusMessage>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
         let attempt = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(CHANNEL).await?;
+            pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         let pubsub = tokio::select! {

@@ -3,6 +3,7 @@
 //! desk's event bus (in-process, or Redis across instances).
 
 pub mod bus;
+pub mod limits;
 pub mod replies;
 pub mod support;
 

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{
     bus::{BusEvent, SupportBus},
+    limits::{Limiter, SharedCounters},
     replies::{self, ReplyEvent, SendRequest, Target},
 };
 use crate::{
@@ -18,7 +19,6 @@ use crate::{
     domain::{
         conversation::{MessageContent, MessageRole, MessageStatus},
         support::{ClientInfo, HandoffPhrases, SupportStatus, estimated_wait_seconds},
-        throttle::FailureThrottle,
     },
     http::{AppState, error::ApiError},
     store::{
@@ -31,17 +31,17 @@ pub struct SupportDesk {
     pub bus: SupportBus,
     pub phrases: HandoffPhrases,
     /// Session creations per client address.
-    pub creations: FailureThrottle,
+    pub creations: Limiter,
 }
 
 impl SupportDesk {
-    pub fn new(bus: SupportBus, phrases: &[String], per_address: u32) -> Self {
+    pub fn new(bus: SupportBus, phrases: &[String], per_address: u32, shared: Option<Arc<SharedCounters>>) -> Self {
         let phrases = if phrases.iter().all(|p| p.trim().is_empty()) {
             HandoffPhrases::default()
         } else {
             HandoffPhrases::new(phrases)
         };
-        Self { bus, phrases, creations: FailureThrottle::new(per_address, 10 * 60 * 1000) }
+        Self { bus, phrases, creations: Limiter::new("support-sessions", per_address, 10 * 60 * 1000, shared) }
     }
 }
 

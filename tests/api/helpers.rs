@@ -275,6 +275,8 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     settings.data_dir = data_dir.path().to_path_buf();
     settings.database_url = Some(Secret(database.url.clone()));
     settings.redis_url = None;
+    // Tests share the machine's Redis: each one keeps to its own keys.
+    settings.redis_prefix = format!("palaver-test-{}", uuid::Uuid::new_v4().simple());
     settings.secret_key = Some(Secret(SECRET_KEY.into()));
     settings.access_token_expire_minutes = 30;
     settings.refresh_token_expire_days = 14;
@@ -341,7 +343,7 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_palaver"));
     command.env_clear();
     if let Some(redis) = &settings.redis_url {
-        command.env("REDIS_URL", redis.expose());
+        command.env("REDIS_URL", redis.expose()).env("PALAVER_REDIS_PREFIX", &settings.redis_prefix);
     }
     let child = command
         .arg("serve")

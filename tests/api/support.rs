@@ -15,6 +15,7 @@ db_tests!(
     agent_routes_are_for_agents_and_admins_only,
     a_client_token_opens_only_its_own_session,
     session_creation_is_rate_limited_per_client_address,
+    behind_a_trusted_proxy_the_forwarded_address_counts,
 );
 
 pub struct Visitor {
@@ -286,4 +287,35 @@ async fn session_creation_is_rate_limited_per_client_address(app: TestApp) {
         .assert_status(StatusCode::UNPROCESSABLE_ENTITY);
     // ...and once the window has passed, sessions open again.
     create().await.assert_status(StatusCode::CREATED);
+}
+
+async fn behind_a_trusted_proxy_the_forwarded_address_counts(mut app: TestApp) {
+    let create = |forwarded: &'static str| {
+        app.post("/api/support/sessions")
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({ "client_info": { "name": "proxied", "email": "proxied@example.com" } }))
+            .fetch()
+    };
+    // From an untrusted peer the header is the client's word and changes nothing.
+    let limit = app.settings.support_sessions_per_ip;
+    for i in 0..limit {
+        create(["198.51.100.1", "198.51.100.2"][i as usize % 2]).await.assert_status(StatusCode::CREATED);
+    }
+    create("198.51.100.3").await.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+
+    // Behind a trusted proxy, each forwarded client has its own allowance;
+    // only the rightmost untrusted hop counts (the rest is client-supplied).
+    app.restart_with(|s| s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let create = |forwarded: &'static str| {
+        app.post("/api/support/sessions")
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({ "client_info": { "name": "proxied", "email": "proxied@example.com" } }))
+            .fetch()
+    };
+    for i in 0..limit {
+        let spoofed = if i % 2 == 0 { "1.1.1.1, 203.0.113.7" } else { "2.2.2.2, 203.0.113.7, 127.0.0.1" };
+        create(spoofed).await.assert_status(StatusCode::CREATED);
+    }
+    create("9.9.9.9, 203.0.113.7").await.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    create("203.0.113.8").await.assert_status(StatusCode::CREATED);
 }

@@ -1,6 +1,7 @@
-//! SPEC §5 across instances: two `palaver` processes on one PostgreSQL and
-//! one Redis, the visitor on one and the agent on the other, and a Redis
-//! that is restarted in the middle of their conversation. Each test runs its
+//! Several instances (SPEC §5, §6): two `palaver` processes on one
+//! PostgreSQL and one Redis — a support conversation with the visitor on one
+//! and the agent on the other, a Redis that is restarted in the middle of
+//! it, and rate limits that count across both. Each test runs its
 //! own `redis-server` on a free port, so restarting it disturbs nobody else.
 
 use std::time::Duration;
@@ -224,6 +225,46 @@ async fn a_redis_restart_mid_conversation_loses_nothing() {
         assert_eq!(contents, ["before", "while redis was down", "agent during the outage", "after", "thanks"]);
         assert_no_repeats(&clog);
         assert_no_repeats(&alog);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_count_across_instances() {
+    with_cluster(|a, b, redis| async move {
+        let (a, b, _redis) = (a, b, redis);
+        let user = a.signup().await;
+        let client = reqwest::Client::new();
+        let login = |address: &str, password: &str| {
+            client
+                .post(format!("{address}/api/auth/login"))
+                .json(&json!({ "login": user.email, "password": password }))
+                .fetch()
+        };
+        // Ten failures for one account, half on each instance...
+        for address in [&a.address, &b.address].repeat(5) {
+            login(address, "wrong password").await.assert_status(StatusCode::UNAUTHORIZED);
+        }
+        // ...block it on both, even with the right password.
+        for address in [&a.address, &b.address] {
+            let refused = login(address, crate::helpers::PASSWORD).await;
+            refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+            assert!(refused.header("retry-after").and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s > 0));
+        }
+
+        // Support sessions per client address, likewise.
+        let limit = a.settings.support_sessions_per_ip as usize;
+        for i in 0..limit {
+            visitor_on(if i % 2 == 0 { &a.address } else { &b.address }, "many").await;
+        }
+        for address in [&a.address, &b.address] {
+            client
+                .post(format!("{address}/api/support/sessions"))
+                .json(&json!({ "client_info": { "name": "more", "email": "more@example.com" } }))
+                .fetch()
+                .await
+                .assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        }
     })
     .await;
 }

@@ -1,7 +1,8 @@
 //! Several instances (SPEC §5, §6): two `palaver` processes on one
 //! PostgreSQL and one Redis — a support conversation with the visitor on one
 //! and the agent on the other, a Redis that is restarted in the middle of
-//! it, and rate limits that count across both. Each test runs its
+//! it, rate limits that count across both, and a reply streamed by one
+//! instance that is resumed and cancelled through the other. Each test runs its
 //! own `redis-server` on a free port, so restarting it disturbs nobody else.
 
 use std::time::Duration;
@@ -10,7 +11,8 @@ use palaver::config::Secret;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Db, Fetch, TestApp, TestUser, spawn_process_app_with};
+use crate::helpers::{Db, Fetch, SseStream, TestApp, TestUser, delta_text, spawn_process_app_with};
+use crate::mock_openai::Script;
 use crate::support::Visitor;
 use crate::support_ws::{
     agent_socket, assert_closed_politely, client_socket, message_is, queue_is, status_is, stored_messages, until,
@@ -265,6 +267,69 @@ async fn rate_limits_count_across_instances() {
                 .await
                 .assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_resumes_and_is_cancelled_through_another_instance() {
+    with_cluster(|a, b, redis| async move {
+        let (a, b, _redis) = (a, b, redis);
+        let user = a.signup().await;
+        let conversation = a.new_conversation(&user).await;
+        let script = Script::words(30, Duration::from_millis(40));
+        a.provider.stream(script.clone());
+
+        // Started on a; the client is gone after the first delta.
+        let mut stream = a.post_message_sse(&user, &conversation, "A long story", None).await;
+        let first = loop {
+            let e = stream.next().await.expect("the stream ended before its first delta");
+            if e.event == "delta" {
+                break e;
+            }
+        };
+        drop(stream);
+        let reply_id = first.data["message_id"].as_str().unwrap().to_owned();
+        let seen = first.data["text"].as_str().unwrap().to_owned();
+
+        // Resumed on b from its Last-Event-ID: exactly the rest, then done.
+        let client = reqwest::Client::new();
+        let resume = client
+            .get(format!("{}/api/conversations/{conversation}/messages/{reply_id}/stream", b.address))
+            .bearer_auth(&user.token)
+            .header("Last-Event-ID", first.id.clone().expect("deltas carry ids"));
+        let events = SseStream::open(resume).await.rest().await;
+        let done = events.last().expect("events after the resume");
+        assert_eq!(done.event, "done", "{events:?}");
+        assert_eq!(format!("{seen}{}", delta_text(&events)), script.text(), "nothing missed, nothing twice");
+        assert_eq!(done.data["content"], script.text());
+        assert_eq!(done.data["status"], "complete");
+
+        // A slow reply on a, cancelled through b: a's provider call stops and
+        // the stream a's client still reads ends with the cancelled reply.
+        a.provider.stream(Script::words(400, Duration::from_millis(25)));
+        let mut stream = a.post_message_sse(&user, &conversation, "Go on and on", None).await;
+        let reply_id = loop {
+            let e = stream.next().await.expect("the stream ended before its first delta");
+            if e.event == "delta" {
+                break e.data["message_id"].as_str().unwrap().to_owned();
+            }
+        };
+        let cancelled = client
+            .post(format!("{}/api/conversations/{conversation}/messages/{reply_id}/cancel", b.address))
+            .bearer_auth(&user.token)
+            .fetch()
+            .await;
+        cancelled.assert_status(StatusCode::OK);
+        assert_eq!(cancelled.body["status"], "cancelled", "{}", cancelled.text);
+        let events = stream.rest().await;
+        let end = events.last().expect("the stream's end");
+        assert_eq!((end.event.as_str(), &end.data["status"]), ("done", &json!("cancelled")), "{events:?}");
+        let chunks = a.provider.chunks_sent();
+        assert!(chunks < 400, "the provider call was stopped early ({chunks} chunks)");
+        let stored = a.stored_message(&user, &conversation, &reply_id).await;
+        assert_eq!(stored["status"], "cancelled");
+        assert_eq!(stored["content"], end.data["content"]);
     })
     .await;
 }

@@ -13,16 +13,18 @@ use axum::{
     },
     response::{IntoResponse, Response},
 };
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     AppState,
     error::ApiError,
     extract::{authenticate_token, parse_uuid},
     views::ErrorBody,
+    ws::{Outbox, spawn_writer},
 };
 use crate::{
     domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
@@ -33,7 +35,6 @@ use crate::{
     store::SupportEventRecord,
 };
 
-const OUTGOING_QUEUE: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Deserialize)]
@@ -129,20 +130,17 @@ enum Frame {
     Ping,
 }
 
-/// The socket's outgoing queue (bounded: a visitor who stops reading is
-/// dropped and can reconnect with `?since=`), and the last status a visitor
-/// was told, so queue changes that leave their place as it was send nothing.
+/// The socket's bounded outgoing queue (a client who stops reading is
+/// closed with 4008 and can reconnect with `?since=`), and the last status a
+/// visitor was told, so queue changes that leave their place as it was send
+/// nothing.
 #[derive(Clone)]
 struct Out {
-    tx: mpsc::Sender<Message>,
+    outbox: Outbox,
     last_status: Arc<std::sync::Mutex<Value>>,
 }
 
 impl Out {
-    fn try_send(&self, m: Message) -> bool {
-        self.tx.try_send(m).is_ok()
-    }
-
     /// True when this status differs from the last one sent (and records it).
     fn status_is_news(&self, frame: &Value) -> bool {
         let key = json!([frame["status"], frame["queue_position"], frame["estimated_wait_seconds"], frame["agent"]]);
@@ -156,7 +154,7 @@ impl Out {
 }
 
 fn send(out: &Out, frame: Value) -> bool {
-    out.try_send(Message::Text(Utf8Bytes::from(frame.to_string())))
+    out.outbox.send(frame)
 }
 
 /// A visitor's status frame: logged ones always go out, derived ones
@@ -172,35 +170,19 @@ fn send_error(out: &Out, e: &ApiError) {
 async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     let kind = if matches!(side, Side::Client { .. }) { "support_client" } else { "support_agent" };
     metrics::gauge!("palaver_open_sockets", "kind" => kind).increment(1.0);
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
-    let out = Out { tx, last_status: Default::default() };
+    let (sink, mut stream) = socket.split();
+    let closed = CancellationToken::new();
+    let (outbox, mut writer) =
+        spawn_writer(sink, closed.clone(), "slow consumer: reconnect with ?since=<last event_id>");
+    let out = Out { outbox, last_status: Default::default() };
     // Subscribe before replaying, so nothing falls between the two.
     let mut bus = state.support.bus.subscribe();
-    let writer = tokio::spawn(async move {
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        heartbeat.tick().await;
-        loop {
-            tokio::select! {
-                _ = heartbeat.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
-                m = rx.recv() => match m {
-                    Some(m) => {
-                        let closing = matches!(m, Message::Close(_));
-                        // Bounded: a visitor who stops reading is dropped, and
-                        // can reconnect with ?since= for what it missed.
-                        let sent = tokio::time::timeout(HEARTBEAT, sink.send(m)).await;
-                        if !matches!(sent, Ok(Ok(()))) || closing { break }
-                    }
-                    None => break,
-                },
-            }
-        }
-    });
 
     let mut seen = Seen::starting_at(since);
     let mut alive = replay(&state, &side, &out, &mut seen).await && greet(&state, &side, &out).await;
     while alive {
         tokio::select! {
+            _ = closed.cancelled() => break,
             incoming = tokio::time::timeout(HEARTBEAT * 3, stream.next()) => {
                 let text = match incoming {
                     Ok(Some(Ok(Message::Text(t)))) => t,
@@ -230,7 +212,11 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
             }
         }
     }
+    // Let the writer send what is queued (a closed session's last status and
+    // its close frame), then stop it.
     drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    closed.cancel();
     let _ = writer.await;
     metrics::gauge!("palaver_open_sockets", "kind" => kind).decrement(1.0);
 }
@@ -312,7 +298,7 @@ async fn frame_for(
             let ok = send_status(out, status_frame(&payload, seq), seq.is_some());
             if payload["status"] == "closed" {
                 let reason = Utf8Bytes::from_static("support session closed");
-                out.try_send(Message::Close(Some(CloseFrame { code: 1000, reason })));
+                out.outbox.send_message(Message::Close(Some(CloseFrame { code: 1000, reason })));
                 return false;
             }
             ok

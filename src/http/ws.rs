@@ -102,9 +102,10 @@ enum ClientFrame {
     Ping,
 }
 
-/// The sending half of a socket, shared by the tasks that feed it.
+/// The sending half of a socket, shared by the tasks that feed it (also
+/// by the support desk's sockets).
 #[derive(Clone)]
-struct Outbox {
+pub(super) struct Outbox {
     tx: mpsc::Sender<Message>,
     /// Set when the queue overflowed: the socket is closed as slow.
     overflow: CancellationToken,
@@ -112,8 +113,12 @@ struct Outbox {
 
 impl Outbox {
     /// Queues a frame; false when the socket is gone or too far behind.
-    fn send(&self, frame: Value) -> bool {
-        match self.tx.try_send(Message::Text(Utf8Bytes::from(frame.to_string()))) {
+    pub(super) fn send(&self, frame: Value) -> bool {
+        self.send_message(Message::Text(Utf8Bytes::from(frame.to_string())))
+    }
+
+    pub(super) fn send_message(&self, message: Message) -> bool {
+        match self.tx.try_send(message) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.overflow.cancel();
@@ -128,48 +133,61 @@ impl Outbox {
     }
 }
 
-async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
-    metrics::gauge!("palaver_open_sockets", "kind" => "chat").increment(1.0);
-    let (mut sink, mut stream) = socket.split();
+/// Starts the task that writes a socket's queued frames, with a ping every
+/// heartbeat. A client too slow to empty the bounded queue is closed with
+/// 4008 and `slow_reason`; a queued close frame ends the socket. `closed` is
+/// cancelled when the writer ends, and ends it when cancelled by the reader.
+pub(super) fn spawn_writer(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    closed: CancellationToken,
+    slow_reason: &'static str,
+) -> (Outbox, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Message>(OUTGOING_QUEUE);
     let outbox = Outbox { tx, overflow: CancellationToken::new() };
-    let requests: Arc<Mutex<HashMap<String, String>>> = Default::default();
-    let closed = CancellationToken::new();
-
-    let writer = {
-        let overflow = outbox.overflow.clone();
-        let closed = closed.clone();
-        tokio::spawn(async move {
-            let mut heartbeat = tokio::time::interval(HEARTBEAT);
-            heartbeat.tick().await;
-            loop {
-                tokio::select! {
-                    _ = overflow.cancelled() => break,
-                    _ = closed.cancelled() => break,
-                    _ = heartbeat.tick() => {
-                        if sink.send(Message::Ping(Default::default())).await.is_err() { break; }
-                    }
-                    msg = rx.recv() => match msg {
-                        // A client that stops reading blocks this send; the
-                        // overflow signal must still reach the socket.
-                        Some(m) => tokio::select! {
-                            sent = sink.send(m) => if sent.is_err() { break },
+    let overflow = outbox.overflow.clone();
+    let writer = tokio::spawn(async move {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                _ = overflow.cancelled() => break,
+                _ = closed.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() { break; }
+                }
+                msg = rx.recv() => match msg {
+                    // A client that stops reading blocks this send; the
+                    // overflow signal must still reach the socket.
+                    Some(m) => {
+                        let closing = matches!(m, Message::Close(_));
+                        tokio::select! {
+                            sent = sink.send(m) => if sent.is_err() || closing { break },
                             _ = overflow.cancelled() => break,
                             _ = closed.cancelled() => break,
-                        },
-                        None => break,
-                    },
-                }
+                        }
+                    }
+                    None => break,
+                },
             }
-            if overflow.is_cancelled() {
-                // Told once the client reads again; given up on after a while.
-                let reason = Utf8Bytes::from_static("slow consumer: resume with GET .../messages/{id}/stream");
-                let close = Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason }));
-                let _ = tokio::time::timeout(HEARTBEAT, sink.send(close)).await;
-            }
-            closed.cancel();
-        })
-    };
+        }
+        if overflow.is_cancelled() {
+            // Told once the client reads again; given up on after a while.
+            let reason = Utf8Bytes::from_static(slow_reason);
+            let close = Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason }));
+            let _ = tokio::time::timeout(HEARTBEAT, sink.send(close)).await;
+        }
+        closed.cancel();
+    });
+    (outbox, writer)
+}
+
+async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
+    metrics::gauge!("palaver_open_sockets", "kind" => "chat").increment(1.0);
+    let (sink, mut stream) = socket.split();
+    let requests: Arc<Mutex<HashMap<String, String>>> = Default::default();
+    let closed = CancellationToken::new();
+    let (outbox, writer) =
+        spawn_writer(sink, closed.clone(), "slow consumer: resume with GET .../messages/{id}/stream");
 
     loop {
         let next = tokio::select! {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
 use crate::helpers::{Fetch, TestApp, TestUser, WsClient, WsEnd, db_tests};
-use crate::mock_openai::Script;
+use crate::mock_openai::{Script, StreamEnd};
 use crate::support::{Visitor, agent, visitor};
 
 db_tests!(
@@ -17,6 +17,7 @@ db_tests!(
     both_sockets_replay_what_they_missed_since_an_event_id,
     sockets_check_their_credentials_before_the_upgrade,
     bad_frames_get_error_frames_and_the_socket_stays_open,
+    a_visitor_who_does_not_read_is_closed_with_4008_and_catches_up,
 );
 
 // ---------------------------------------------------------------------------
@@ -357,4 +358,47 @@ async fn bad_frames_get_error_frames_and_the_socket_stays_open(app: TestApp) {
     c.expect("pong").await;
     a.send(json!({ "type": "ping" })).await;
     until(&mut a, &mut Vec::new(), "the pong", |f| f["type"] == "pong").await;
+}
+
+async fn a_visitor_who_does_not_read_is_closed_with_4008_and_catches_up(app: TestApp) {
+    // Far more than the kernel's socket buffers hold, so the queue fills.
+    let script = Script::bulk(3000, 4096);
+    app.provider.stream(script.clone().ending(StreamEnd::Finish));
+    let v = visitor(&app, "slow").await;
+    let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+    tcp.set_recv_buffer_size(4096).unwrap();
+    let tcp = tcp.connect(format!("127.0.0.1:{}", app.port).parse().unwrap()).await.unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws/support/{}?token={}", app.port, v.id, v.token);
+    let (socket, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.expect("upgrade");
+    let mut ws = WsClient { socket };
+    ws.send(json!({ "type": "message", "content": "Flood me" })).await;
+
+    // Not reading; the reply completes and is stored all the same.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stored_messages(&app.address, &v).await.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the reply did not finish while its socket was stalled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Reading now: some frames, then the slow-consumer close, not the whole reply.
+    let mut log = Vec::new();
+    let end = loop {
+        match ws.next_or_end().await {
+            Ok(frame) => {
+                assert!(
+                    !message_is("assistant", &script.text())(&frame),
+                    "a stalled socket got the whole reply queued"
+                );
+                log.push(frame);
+            }
+            Err(end) => break end,
+        }
+    };
+    assert!(matches!(end, WsEnd::Closed(Some(4008))), "expected close code 4008, got {end:?}");
+
+    // Reconnecting with the last event id it saw replays what it missed.
+    let since = log.iter().filter_map(|f| f["event_id"].as_i64()).max();
+    let mut ws = client_socket(app.port, &v, since).await;
+    until(&mut ws, &mut Vec::new(), "the whole reply", message_is("assistant", &script.text())).await;
 }

@@ -125,7 +125,7 @@ fn words(s: &str) -> Vec<String> {
 /// recent waits between joining the queue and being claimed.
 pub fn estimated_wait_seconds(position: i64, recent_wait_ms: Option<i64>) -> i64 {
     const DEFAULT_WAIT_SECS: i64 = 120;
-    let per_session = recent_wait_ms.map_or(DEFAULT_WAIT_SECS, |ms| (ms / 1000).max(1));
+    let per_session = recent_wait_ms.map_or(DEFAULT_WAIT_SECS, |ms| ((ms + 500) / 1000).max(1));
     position.max(1) * per_session
 }
 

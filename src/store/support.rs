@@ -240,15 +240,17 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Mean wait of the last 20 claimed sessions, in milliseconds.
+    /// Mean wait of the last 20 claimed sessions, in milliseconds (rounded
+    /// here: the engines round integer averages differently).
     pub async fn recent_support_wait_ms(&self) -> StoreResult<Option<i64>> {
-        sqlx::query_scalar(
-            "SELECT CAST(AVG(w.last_wait_ms) AS BIGINT) FROM (SELECT last_wait_ms FROM support_sessions \
+        let (total, count): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT CAST(SUM(w.last_wait_ms) AS BIGINT), COUNT(*) FROM (SELECT last_wait_ms FROM support_sessions \
              WHERE last_wait_ms IS NOT NULL ORDER BY claimed_at DESC LIMIT 20) w",
         )
         .fetch_one(&self.pool)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+        Ok(total.filter(|_| count > 0).map(|total| (total + count / 2) / count))
     }
 
     /// Appends to a session's event log; answers the event's sequence number.

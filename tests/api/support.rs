@@ -16,6 +16,7 @@ db_tests!(
     a_client_token_opens_only_its_own_session,
     session_creation_is_rate_limited_per_client_address,
     behind_a_trusted_proxy_the_forwarded_address_counts,
+    the_estimated_wait_comes_from_recent_claims,
 );
 
 pub struct Visitor {
@@ -66,6 +67,11 @@ async fn a_visitor_opens_a_session_and_the_ai_answers(app: TestApp) {
     assert_eq!(body["message"]["role"], "user");
     assert_eq!(body["reply"]["role"], "assistant");
     assert_eq!(body["reply"]["status"], "complete");
+    // The support desk's own system prompt goes first.
+    let sent = app.provider.last_request().messages();
+    assert_eq!(sent.first().map(|(role, _)| role.as_str()), Some("system"));
+    assert_eq!(sent[0].1, app.settings.support_system_prompt);
+    assert_eq!(sent.last().unwrap(), &("user".to_owned(), "Where is my parcel?".to_owned()));
     assert!(!body["reply"]["content"].as_str().unwrap().is_empty());
     let s = session(&app, &v).await;
     assert_eq!(s["status"], "ai");
@@ -318,4 +324,36 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts(mut app: TestApp) {
     }
     create("9.9.9.9, 203.0.113.7").await.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     create("203.0.113.8").await.assert_status(StatusCode::CREATED);
+}
+
+async fn the_estimated_wait_comes_from_recent_claims(app: TestApp) {
+    let (v1, v2, v3) = (visitor(&app, "w1").await, visitor(&app, "w2").await, visitor(&app, "w3").await);
+    for v in [&v1, &v2, &v3] {
+        app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
+    }
+    // No claims yet: two minutes per place in the queue.
+    assert_eq!(session(&app, &v1).await["estimated_wait_seconds"], 120);
+    assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 360);
+
+    // The first visitor waited 45 s; the next ones are told so, per place.
+    app.advance(std::time::Duration::from_secs(45));
+    let alice = agent(&app).await;
+    app.post(&format!("/api/agent/sessions/{}/claim", v1.id))
+        .bearer_auth(&alice.token)
+        .fetch()
+        .await
+        .assert_status(StatusCode::OK);
+    let s2 = session(&app, &v2).await;
+    assert_eq!((s2["queue_position"].as_i64(), s2["estimated_wait_seconds"].as_i64()), (Some(1), Some(45)));
+    assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 90);
+    assert!(session(&app, &v1).await["estimated_wait_seconds"].is_null(), "no estimate once claimed");
+
+    // The second waited 105 s: the average of recent waits is 75 s.
+    app.advance(std::time::Duration::from_secs(60));
+    app.post(&format!("/api/agent/sessions/{}/claim", v2.id))
+        .bearer_auth(&alice.token)
+        .fetch()
+        .await
+        .assert_status(StatusCode::OK);
+    assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 75);
 }

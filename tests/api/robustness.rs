@@ -187,7 +187,7 @@ async fn streamed_bodies_over_one_mebibyte_are_413(app: TestApp) {
 
 /// Bodies no endpoint can accept, aimed at its main string `field`; the
 /// `null` cases only when that field is required.
-fn hostile_bodies(field: &str, required: bool) -> Vec<(String, Vec<u8>)> {
+pub fn hostile_bodies(field: &str, required: bool) -> Vec<(String, Vec<u8>)> {
     let with = |value: &str| format!("{{\"{field}\": {value}}}").into_bytes();
     let mut invalid_utf8 = format!("{{\"{field}\": \"").into_bytes();
     invalid_utf8.extend_from_slice(b"\xff\xfe\xfd\"}");

@@ -17,6 +17,7 @@ db_tests!(
     session_creation_is_rate_limited_per_client_address,
     behind_a_trusted_proxy_the_forwarded_address_counts,
     the_estimated_wait_comes_from_recent_claims,
+    hostile_input_to_the_desk_gets_4xx_never_5xx,
 );
 
 pub struct Visitor {
@@ -356,4 +357,56 @@ async fn the_estimated_wait_comes_from_recent_claims(app: TestApp) {
         .await
         .assert_status(StatusCode::OK);
     assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 75);
+}
+
+async fn hostile_input_to_the_desk_gets_4xx_never_5xx(app: TestApp) {
+    let v = visitor(&app, "hostile").await;
+    let alice = agent(&app).await;
+    app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
+    app.post(&format!("/api/agent/sessions/{}/claim", v.id))
+        .bearer_auth(&alice.token)
+        .fetch()
+        .await
+        .assert_status(StatusCode::OK);
+    let (client_messages, agent_messages) =
+        (format!("/api/support/sessions/{}/messages", v.id), format!("/api/agent/sessions/{}/messages", v.id));
+    let targets = [
+        ("/api/support/sessions", "client_info", None),
+        (client_messages.as_str(), "content", Some(v.token.as_str())),
+        (agent_messages.as_str(), "content", Some(alice.token.as_str())),
+    ];
+    let mut problems = Vec::new();
+    for (path, field, token) in targets {
+        for (what, body) in crate::robustness::hostile_bodies(field, true) {
+            let mut request = app.post(path).header("content-type", "application/json").body(body);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            problems.extend(request.fetch().await.problem_unless_client_error(&format!("POST {path} with {what}")));
+        }
+    }
+    let long = "a".repeat(10_000);
+    let gets = [
+        (format!("/api/support/sessions/{}/messages?limit=-1", v.id), v.token.as_str()),
+        (format!("/api/support/sessions/{}/messages?before=%00", v.id), v.token.as_str()),
+        (format!("/api/support/sessions/{}/messages?before={long}", v.id), v.token.as_str()),
+        (format!("/api/support/sessions/{long}"), v.token.as_str()),
+        ("/api/support/sessions/%00".to_owned(), v.token.as_str()),
+        ("/api/agent/sessions?status=%00".to_owned(), alice.token.as_str()),
+        ("/api/agent/sessions?page=0&per_page=99999999999999999999".to_owned(), alice.token.as_str()),
+    ];
+    for (path, token) in &gets {
+        problems
+            .extend(app.get(path).bearer_auth(token).fetch().await.problem_unless_client_error(&format!("GET {path}")));
+    }
+    for action in ["claim", "release", "close"] {
+        for id in ["%00", "not-a-uuid", long.as_str()] {
+            let path = format!("/api/agent/sessions/{id}/{action}");
+            let response = app.post(&path).bearer_auth(&alice.token).fetch().await;
+            problems.extend(response.problem_unless_client_error(&format!("POST {path}")));
+        }
+    }
+    assert!(problems.is_empty(), "hostile input not refused with a 4xx:\n{}", problems.join("\n"));
+    // Nothing was stored by any of it.
+    assert_eq!(app.get(&client_messages).bearer_auth(&v.token).fetch().await.items().len(), 0);
 }

@@ -15,12 +15,15 @@ impl OfflineProvider {
         let last = request.messages.iter().rev().find(|m| m.role == ChatRole::User).map_or("", |m| m.content.as_str());
         let quoted: String = last.chars().take(200).collect();
         let ellipsis = if last.chars().count() > 200 { "…" } else { "" };
+        let earlier = request.messages.len().saturating_sub(1);
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let chars = last.chars().count();
         format!(
             "[offline] No LLM provider is configured, so this is a canned answer. \
-             You said: \"{quoted}{ellipsis}\" ({} characters, {} earlier messages in context). \
+             You said: \"{quoted}{ellipsis}\" ({chars} character{}, {earlier} earlier message{} in context). \
              Set OPENAI_API_KEY (or another provider's key) to get real answers.",
-            last.chars().count(),
-            request.messages.len().saturating_sub(1),
+            plural(chars),
+            plural(earlier),
         )
     }
 }

@@ -215,9 +215,10 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     // Let the writer send what is queued (a closed session's last status and
     // its close frame), then stop it.
     drop(out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
-    closed.cancel();
-    let _ = writer.await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
+        closed.cancel();
+        let _ = writer.await;
+    }
     metrics::gauge!("palaver_open_sockets", "kind" => kind).decrement(1.0);
 }
 

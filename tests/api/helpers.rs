@@ -106,6 +106,27 @@ where
     }
 }
 
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_server_panics(&self.settings.data_dir);
+        }
+    }
+}
+
+/// Fails the test if a server process logged a panic (a panic in one of
+/// its tasks does not stop it, so nothing else would notice).
+fn assert_no_server_panics(data_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("server-") && name.ends_with(".log") {
+            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            assert!(!log.contains("panicked at"), "{name} shows a panic in the server:\n{log}");
+        }
+    }
+}
+
 /// Where a test's data lives.
 #[derive(Debug, Clone)]
 pub struct TestDatabase {

@@ -7,10 +7,13 @@
 # every message crossing Redis (PALAVER_BENCH_POSTGRES_URL and
 # PALAVER_BENCH_REDIS_URL default to the local services).
 #
-#   bench/support_bench.sh [levels] [one|two]   e.g. bench/support_bench.sh 100,500,1000 two
+# Each visitor sends a message every [pace] ms (default 2000; 0 = as soon as
+# the previous one is answered, which shows the saturation throughput).
+#
+#   bench/support_bench.sh [levels] [one|two] [pace]   e.g. bench/support_bench.sh 100,500,1000 two 2000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --quiet --bin palaver --example support_bench
-exec timeout 600 "$target/release/examples/support_bench" "$target/release/palaver" "${1:-100,500,1000}" "${2:-one}"
+exec timeout 600 "$target/release/examples/support_bench" "$target/release/palaver" "${1:-100,500,1000}" "${2:-one}" "${3:-2000}"

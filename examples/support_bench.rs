@@ -1,17 +1,19 @@
 //! Support desk benchmark (issue 5): live conversations between visitors and
 //! agents over the support sockets of the release `palaver` binary. For each
 //! level, N visitors open sessions, ask for a human and are claimed by
-//! agents (one per 20 visitors); then every visitor and its agent trade
-//! ROUNDS messages, each answered as soon as it arrives. Every message
-//! carries the instant it was sent, so the receiver measures its delivery
-//! latency (visitor → agent and agent → visitor, p50/p99).
+//! agents (one per 20 visitors); then every visitor sends ROUNDS messages,
+//! one every PACE milliseconds (a busy live chat; 0 sends the next as soon
+//! as the answer arrives, to find the saturation throughput), and its agent
+//! answers each at once. Every message carries the instant it was sent, so
+//! the receiver measures its delivery latency (visitor → agent and agent →
+//! visitor, p50/p99).
 //!
 //! Mode `one`: a single instance on SQLite, no other service. Mode `two`: two
 //! instances on a fresh PostgreSQL schema and Redis, visitors on the first
 //! and agents on the second, so every message crosses Redis pub/sub.
 //! Loopback only. Run through `bench/support_bench.sh`.
 //!
-//! Usage: support_bench <path to palaver> [levels, default 100,500,1000] [one|two]
+//! Usage: support_bench <path to palaver> [levels, default 100,500,1000] [one|two] [pace ms, default 2000]
 //! (`two` reads PALAVER_BENCH_POSTGRES_URL and PALAVER_BENCH_REDIS_URL,
 //! defaulting to the local services.)
 
@@ -28,11 +30,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Messages each side sends per conversation.
-const ROUNDS: usize = 10;
+const ROUNDS: usize = 5;
 /// Visitors per agent.
 const VISITORS_PER_AGENT: usize = 20;
 /// Longest a level's conversations may take.
-const LEVEL_LIMIT: Duration = Duration::from_secs(60);
+const LEVEL_LIMIT: Duration = Duration::from_secs(90);
 const PASSWORD: &str = "bench password 123";
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -65,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         Some("two") => true,
         Some(other) => panic!("unknown mode {other:?}: one or two"),
     };
+    let pace = Duration::from_millis(args.next().map_or(2000, |p| p.parse().expect("pace is milliseconds")));
     if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
         let _ = rlimit::Resource::NOFILE.set(hard, hard);
     }
@@ -114,15 +117,16 @@ async fn main() -> anyhow::Result<()> {
     let admin = login(&http, &visitors_at.base, "bench-admin@example.com").await?;
 
     println!(
-        "support desk, mode {}: {ROUNDS} messages each way per conversation, one agent per {VISITORS_PER_AGENT} visitors",
+        "support desk, mode {}: {ROUNDS} messages each way per conversation, {}, one agent per {VISITORS_PER_AGENT} visitors",
         if two { "two (PostgreSQL + Redis, visitors and agents on different instances)" } else { "one (SQLite)" },
+        if pace.is_zero() { "flat out".to_owned() } else { format!("a visitor message every {} ms", pace.as_millis()) },
     );
     println!(
         "{:>9} {:>9} {:>10} {:>15} {:>15} {:>12}",
         "visitors", "messages", "msgs/s", "v→a p50/p99 ms", "a→v p50/p99 ms", "peak RSS MiB"
     );
     for (level, &n) in levels.iter().enumerate() {
-        let result = run_level(&http, visitors_at, agents_at, &admin, level, n, &instances).await;
+        let result = run_level(&http, visitors_at, agents_at, &admin, level, n, &instances, pace).await;
         match result {
             Ok(r) => println!(
                 "{:>9} {:>9} {:>10.0} {:>15} {:>15} {:>12}",
@@ -212,6 +216,7 @@ struct LevelResult {
     peak_rss_kib: u64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_level(
     http: &reqwest::Client,
     visitors_at: &Instance,
@@ -220,6 +225,7 @@ async fn run_level(
     level: usize,
     n: usize,
     instances: &[Instance],
+    pace: Duration,
 ) -> anyhow::Result<LevelResult> {
     // Agents: registered, made agents by the admin, logged in on their instance.
     let agent_count = n.div_ceil(VISITORS_PER_AGENT);
@@ -298,8 +304,10 @@ async fn run_level(
 
     let started = Instant::now();
     let agent_tasks: Vec<_> = agent_sockets.into_iter().map(spawn_agent).collect();
-    let visitor_tasks: Vec<_> =
-        visitor_sockets.into_iter().map(|s| tokio::spawn(tokio::time::timeout(LEVEL_LIMIT, visitor_loop(s)))).collect();
+    let visitor_tasks: Vec<_> = visitor_sockets
+        .into_iter()
+        .map(|s| tokio::spawn(tokio::time::timeout(LEVEL_LIMIT, visitor_loop(s, pace))))
+        .collect();
     let mut to_visitor = Vec::new();
     let mut finished = 0;
     for task in visitor_tasks {
@@ -337,16 +345,30 @@ fn percentiles(mut us: Vec<u64>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
+/// A cheap pseudo-random number (the bench needs no quality).
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_us());
+    h.finish()
+}
+
 /// The sent-at stamp of a message's content `… @<micros>`.
 fn stamp(content: &str) -> Option<u64> {
     content.rsplit_once('@').and_then(|(_, t)| t.parse().ok())
 }
 
-/// A visitor: sends a message, waits for the agent's answer, ROUNDS times.
-/// Answers the agent → visitor latencies.
-async fn visitor_loop(mut socket: Socket) -> anyhow::Result<Vec<u64>> {
+/// A visitor: sends a message, waits for the agent's answer and for its
+/// next turn, ROUNDS times. Answers the agent → visitor latencies.
+async fn visitor_loop(mut socket: Socket, pace: Duration) -> anyhow::Result<Vec<u64>> {
     let mut latencies = Vec::with_capacity(ROUNDS);
+    // Visitors start spread over one pace, as real ones would.
+    let offset = Duration::from_micros(fastrand_u64() % (pace.as_micros() as u64).max(1));
+    let mut turn = tokio::time::interval_at(tokio::time::Instant::now() + offset, pace.max(Duration::from_micros(1)));
     for round in 0..ROUNDS {
+        if !pace.is_zero() {
+            turn.tick().await;
+        }
         let content = format!("question {round} @{}", now_us());
         socket.send(Message::text(json!({ "type": "message", "content": content }).to_string())).await?;
         loop {

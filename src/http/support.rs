@@ -217,8 +217,7 @@ async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> A
     responses((status = 200, description = "`{items}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
-    let queue = state.store.support_queue().await?;
-    Ok(Json(json!({ "items": sessions_json(&state, &queue).await? })))
+    Ok(Json(json!({ "items": desk::queue_json(&state).await? })))
 }
 
 /// All sessions, newest first, optionally `?status=`.

@@ -1,8 +1,8 @@
 //! The support desk's sockets. `GET /ws/support/{session_id}?token=<client
 //! token>` for the visitor and `GET /ws/agent?token=<access token>` for
 //! agents. Both take `?since=<event id>` and first replay what the event log
-//! holds after it, then deliver live events from the bus; an event id gap
-//! or a bus resync re-reads the log, so nothing is missed or doubled.
+//! holds after it, then deliver live events from the bus; a bus resync
+//! re-reads the log, so nothing is missed or doubled.
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +16,6 @@ use axum::{
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -141,6 +140,10 @@ struct Out {
 }
 
 impl Out {
+    fn last_status_was(&self, status: &str) -> bool {
+        self.last_status.lock().unwrap_or_else(|e| e.into_inner())[0] == status
+    }
+
     /// True when this status differs from the last one sent (and records it).
     fn status_is_news(&self, frame: &Value) -> bool {
         let key = json!([frame["status"], frame["queue_position"], frame["estimated_wait_seconds"], frame["agent"]]);
@@ -176,42 +179,57 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
         spawn_writer(sink, closed.clone(), "slow consumer: reconnect with ?since=<last event_id>");
     let out = Out { outbox, last_status: Default::default() };
     // Subscribe before replaying, so nothing falls between the two.
-    let mut bus = state.support.bus.subscribe();
+    let mut bus = match &side {
+        Side::Client { session_id } => state.support.bus.subscribe_client(session_id),
+        Side::Agent { id, .. } => state.support.bus.subscribe_agent(id),
+    };
+
+    // The socket is read in a task of its own: the loop below wakes for bus
+    // events, and polling the socket each time would cost a read attempt
+    // (and its buffer set-up) per event.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Result<Utf8Bytes, ()>>(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = match tokio::time::timeout(HEARTBEAT * 3, stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => Ok(t),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Binary(_)))) => Err(()),
+                _ => break,
+            };
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
 
     let mut seen = Seen::starting_at(since);
     let mut alive = replay(&state, &side, &out, &mut seen).await && greet(&state, &side, &out).await;
     while alive {
         tokio::select! {
             _ = closed.cancelled() => break,
-            incoming = tokio::time::timeout(HEARTBEAT * 3, stream.next()) => {
-                let text = match incoming {
-                    Ok(Some(Ok(Message::Text(t)))) => t,
-                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                    Ok(Some(Ok(Message::Binary(_)))) => {
-                        send_error(&out, &ApiError::bad_request("bad_frame", "Frames are JSON text."));
-                        continue;
-                    }
-                    _ => break,
-                };
-                match serde_json::from_str::<Frame>(text.as_str()) {
+            incoming = frames.recv() => match incoming {
+                Some(Ok(text)) => match serde_json::from_str::<Frame>(text.as_str()) {
                     Ok(frame) => handle(&state, &side, &out, frame),
                     Err(e) => send_error(&out, &ApiError::bad_request("bad_frame", format!("Unreadable frame: {e}."))),
-                }
-            }
+                },
+                Some(Err(())) => send_error(&out, &ApiError::bad_request("bad_frame", "Frames are JSON text.")),
+                None => break,
+            },
             msg = bus.recv() => {
                 alive = match msg {
-                    Ok(BusMessage::Event(e)) => deliver(&state, &side, &out, e, &mut seen).await,
+                    Some(BusMessage::Event(e)) => deliver(&state, &side, &out, e, &mut seen).await,
                     // Events may have been missed (Redis came back, or this
                     // socket fell behind): the log has the lasting ones, and
                     // the queue is read afresh.
-                    Ok(BusMessage::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Some(BusMessage::Resync) => {
                         replay(&state, &side, &out, &mut seen).await && queue_update(&state, &side, &out).await
                     }
-                    Err(broadcast::error::RecvError::Closed) => false,
+                    None => false,
                 };
             }
         }
     }
+    reader.abort();
     // Let the writer send what is queued (a closed session's last status and
     // its close frame), then stop it.
     drop(out);
@@ -276,7 +294,7 @@ async fn replay(state: &AppState, side: &Side, out: &Out, seen: &mut Seen) -> bo
 /// A logged event as this side's frame; false when the socket should end.
 async fn send_logged(state: &AppState, side: &Side, out: &Out, e: &SupportEventRecord) -> bool {
     let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
-    frame_for(state, side, out, &e.session_id, &e.kind, payload, Some(e.seq)).await
+    frame_for(state, side, out, &e.session_id, &e.kind, &payload, Some(e.seq)).await
 }
 
 async fn frame_for(
@@ -285,7 +303,7 @@ async fn frame_for(
     out: &Out,
     session_id: &str,
     kind: &str,
-    payload: Value,
+    payload: &Value,
     seq: Option<i64>,
 ) -> bool {
     match (side, kind) {
@@ -296,7 +314,7 @@ async fn frame_for(
             send(out, json!({ "type": "delta", "message_id": payload["message_id"], "text": payload["text"] }))
         }
         (Side::Client { .. }, "status") => {
-            let ok = send_status(out, status_frame(&payload, seq), seq.is_some());
+            let ok = send_status(out, status_frame(payload, seq), seq.is_some());
             if payload["status"] == "closed" {
                 let reason = Utf8Bytes::from_static("support session closed");
                 out.outbox.send_message(Message::Close(Some(CloseFrame { code: 1000, reason })));
@@ -325,9 +343,11 @@ fn status_frame(session: &Value, seq: Option<i64>) -> Value {
     })
 }
 
-/// Delivers a live bus event, after anything older the log has that this
-/// socket has not seen (so order holds across a missed event).
-async fn deliver(state: &AppState, side: &Side, out: &Out, e: BusEvent, seen: &mut Seen) -> bool {
+/// Delivers a live bus event that concerns this side, once. The bus loses
+/// nothing without saying so (a lagging socket, a Redis reconnect or a
+/// failed publish all end in a resync from the log), so a live event costs
+/// no database read; gaps in the ids are other sessions' events.
+async fn deliver(state: &AppState, side: &Side, out: &Out, e: Arc<BusEvent>, seen: &mut Seen) -> bool {
     let concerns_me = match side {
         Side::Client { session_id } => e.kind == "queue" || e.session_id == *session_id,
         Side::Agent { id, .. } => match e.kind.as_str() {
@@ -338,15 +358,12 @@ async fn deliver(state: &AppState, side: &Side, out: &Out, e: BusEvent, seen: &m
     if !concerns_me {
         return true;
     }
-    if let Some(seq) = e.seq {
-        if seq > seen.high + 1 && !replay(state, side, out, seen).await {
-            return false;
-        }
-        if !seen.first_time(seq) {
-            return true;
-        }
+    if let Some(seq) = e.seq
+        && !seen.first_time(seq)
+    {
+        return true;
     }
-    frame_for(state, side, out, &e.session_id, &e.kind, e.payload, e.seq).await
+    frame_for(state, side, out, &e.session_id, &e.kind, &e.payload, e.seq).await
 }
 
 /// On connect: the client's current status, or the agent's queue snapshot.
@@ -355,7 +372,7 @@ async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) => {
                 let Ok(payload) = session_json(state, &s).await else { return true };
-                frame_for(state, side, out, session_id, "status", payload, None).await
+                frame_for(state, side, out, session_id, "status", &payload, None).await
             }
             _ => false,
         },
@@ -366,16 +383,12 @@ async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
 /// The queue changed: agents get a snapshot, a queued visitor their position.
 async fn queue_update(state: &AppState, side: &Side, out: &Out) -> bool {
     match side {
-        Side::Agent { .. } => {
-            let Ok(queue) = state.store.support_queue().await else { return true };
-            let mut items = Vec::with_capacity(queue.len());
-            for s in &queue {
-                if let Ok(v) = session_json(state, s).await {
-                    items.push(v);
-                }
-            }
-            send(out, json!({ "type": "queue", "items": items }))
-        }
+        Side::Agent { .. } => match desk::shared_queue_json(state).await {
+            Ok(items) => send(out, json!({ "type": "queue", "items": *items })),
+            Err(_) => true,
+        },
+        // Only a waiting visitor has a place that can move.
+        Side::Client { .. } if !out.last_status_was("queued") => true,
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) if s.status == SupportStatus::Queued => {
                 let Ok(payload) = session_json(state, &s).await else { return true };

@@ -11,7 +11,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -42,13 +42,14 @@ pub struct BusEvent {
 /// What a subscriber receives.
 #[derive(Debug, Clone)]
 pub enum BusMessage {
-    Event(BusEvent),
+    /// Shared: every socket of the instance receives the same event.
+    Event(Arc<BusEvent>),
     /// Events may have been missed: re-read the log.
     Resync,
 }
 
 pub struct SupportBus {
-    local: broadcast::Sender<BusMessage>,
+    local: Local,
     /// With Redis: events waiting for the publisher task, in order.
     outbox: Option<mpsc::Sender<BusEvent>>,
     /// Set when an event reached only this instance: the publisher task then
@@ -67,7 +68,12 @@ impl SupportBus {
     /// reconnecting until `stop`).
     /// Events go through the Redis channel `<prefix>:support`.
     pub async fn start(redis: Option<&redis::Client>, prefix: &str, stop: CancellationToken) -> Self {
-        let (local, _) = broadcast::channel(LOCAL_BUFFER);
+        let local = Local {
+            agents: broadcast::channel(LOCAL_BUFFER).0,
+            clients: broadcast::channel(LOCAL_BUFFER).0,
+            topics: Default::default(),
+            queue_generation: Default::default(),
+        };
         let owes_resync = Arc::new(AtomicBool::new(false));
         let Some(client) = redis else { return Self { local, outbox: None, owes_resync } };
         let channel = format!("{prefix}:support");
@@ -77,8 +83,22 @@ impl SupportBus {
         Self { local, outbox: Some(outbox), owes_resync }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<BusMessage> {
-        self.local.subscribe()
+    /// What a visitor's socket needs: its session's events, queue changes
+    /// and resyncs.
+    pub fn subscribe_client(&self, session_id: &str) -> Subscription {
+        self.local.subscription(self.local.clients.subscribe(), format!("session:{session_id}"))
+    }
+
+    /// What an agent console needs: the events of the sessions it holds,
+    /// every status and queue change, and resyncs.
+    pub fn subscribe_agent(&self, agent_id: &str) -> Subscription {
+        self.local.subscription(self.local.agents.subscribe(), format!("agent:{agent_id}"))
+    }
+
+    /// Counts the queue changes (and resyncs) delivered on this instance, so
+    /// a queue read at the current generation is fresh for every socket.
+    pub fn queue_generation(&self) -> u64 {
+        self.local.queue_generation.load(Ordering::SeqCst)
     }
 
     /// Sends an event to every socket on every instance, without waiting for
@@ -98,7 +118,105 @@ impl SupportBus {
                 }
             },
         };
-        let _ = self.local.send(BusMessage::Event(event));
+        self.local.send(BusMessage::Event(Arc::new(event)));
+    }
+}
+
+/// Events a topic (one session's or one agent's) may hold for a slow socket.
+const TOPIC_BUFFER: usize = 256;
+
+/// This instance's side of the bus. Events are routed, so that a message
+/// wakes only the sockets it is for, not every socket of the instance: a
+/// session's events go to its topic (the visitor's socket), and the events of
+/// a held session also to its agent's topic; status changes go to every
+/// agent console, queue changes and resyncs to every socket.
+#[derive(Clone)]
+struct Local {
+    agents: broadcast::Sender<BusMessage>,
+    clients: broadcast::Sender<BusMessage>,
+    topics: Arc<std::sync::Mutex<std::collections::HashMap<String, broadcast::Sender<BusMessage>>>>,
+    queue_generation: Arc<AtomicU64>,
+}
+
+impl Local {
+    fn send(&self, message: BusMessage) {
+        let event = match &message {
+            BusMessage::Resync => None,
+            BusMessage::Event(e) => Some(e.clone()),
+        };
+        let Some(event) = event else {
+            self.queue_generation.fetch_add(1, Ordering::SeqCst);
+            let _ = self.agents.send(message.clone());
+            let _ = self.clients.send(message);
+            return;
+        };
+        match event.kind.as_str() {
+            "queue" => {
+                // Before the sockets hear of it, so none reads a stale snapshot.
+                self.queue_generation.fetch_add(1, Ordering::SeqCst);
+                let _ = self.agents.send(message.clone());
+                let _ = self.clients.send(message);
+            }
+            kind => {
+                if kind == "status" {
+                    let _ = self.agents.send(message.clone());
+                }
+                let topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(topic) = topics.get(&format!("session:{}", event.session_id)) {
+                    let _ = topic.send(message.clone());
+                }
+                if kind != "status"
+                    && let Some(agent) = &event.agent_id
+                    && let Some(topic) = topics.get(&format!("agent:{agent}"))
+                {
+                    let _ = topic.send(message);
+                }
+            }
+        }
+    }
+
+    fn subscription(&self, shared: broadcast::Receiver<BusMessage>, topic: String) -> Subscription {
+        let own = {
+            let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+            topics.entry(topic.clone()).or_insert_with(|| broadcast::channel(TOPIC_BUFFER).0).subscribe()
+        };
+        Subscription { shared, own: Some(own), topic, topics: self.topics.clone() }
+    }
+}
+
+/// A socket's view of the bus: its own topic and what all its kind share.
+/// Dropping it removes the topic once nobody else listens to it.
+pub struct Subscription {
+    shared: broadcast::Receiver<BusMessage>,
+    own: Option<broadcast::Receiver<BusMessage>>,
+    topic: String,
+    topics: Arc<std::sync::Mutex<std::collections::HashMap<String, broadcast::Sender<BusMessage>>>>,
+}
+
+impl Subscription {
+    /// The next message from either source; a receiver that fell behind
+    /// answers `Resync` (the log has what it missed).
+    pub async fn recv(&mut self) -> Option<BusMessage> {
+        let own = self.own.as_mut().expect("held until drop");
+        let received = tokio::select! {
+            m = own.recv() => m,
+            m = self.shared.recv() => m,
+        };
+        match received {
+            Ok(m) => Some(m),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some(BusMessage::Resync),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.own.take());
+        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        if topics.get(&self.topic).is_some_and(|t| t.receiver_count() == 0) {
+            topics.remove(&self.topic);
+        }
     }
 }
 
@@ -110,7 +228,7 @@ async fn publish_loop(
     client: redis::Client,
     channel: String,
     mut pending: mpsc::Receiver<BusEvent>,
-    local: broadcast::Sender<BusMessage>,
+    local: Local,
     owes_resync: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
@@ -163,7 +281,7 @@ async fn publish_loop(
             (Some(_), true) => {}
             (Some(event), false) => {
                 owes_resync.store(true, Ordering::SeqCst);
-                let _ = local.send(BusMessage::Event(event));
+                local.send(BusMessage::Event(Arc::new(event)));
             }
         }
     }
@@ -183,12 +301,7 @@ async fn publish(
     redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn).await.map(|_| ())
 }
 
-async fn subscribe_loop(
-    client: redis::Client,
-    channel: String,
-    local: broadcast::Sender<BusMessage>,
-    stop: CancellationToken,
-) {
+async fn subscribe_loop(client: redis::Client, channel: String, local: Local, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -207,7 +320,7 @@ async fn subscribe_loop(
                     tracing::info!("resubscribed to Redis; sockets resynchronise from the event log");
                 }
                 // Whatever was published while we were away is in the log.
-                let _ = local.send(BusMessage::Resync);
+                local.send(BusMessage::Resync);
                 first = false;
                 backoff = Duration::from_millis(100);
                 let mut messages = pubsub.on_message();
@@ -219,8 +332,8 @@ async fn subscribe_loop(
                     let Some(msg) = next else { break };
                     let Ok(text) = msg.get_payload::<String>() else { continue };
                     match serde_json::from_str::<BusEvent>(&text) {
-                        Ok(event) if event.kind == "resync" => drop(local.send(BusMessage::Resync)),
-                        Ok(event) => drop(local.send(BusMessage::Event(event))),
+                        Ok(event) if event.kind == "resync" => local.send(BusMessage::Resync),
+                        Ok(event) => local.send(BusMessage::Event(Arc::new(event))),
                         Err(_) => {}
                     }
                 }
@@ -234,5 +347,84 @@ async fn subscribe_loop(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, session: &str, agent: Option<&str>) -> BusEvent {
+        BusEvent {
+            session_id: session.into(),
+            seq: Some(1),
+            kind: kind.into(),
+            payload: Value::Null,
+            agent_id: agent.map(str::to_owned),
+        }
+    }
+
+    /// The next message within a moment, if any.
+    async fn next(sub: &mut Subscription) -> Option<String> {
+        let m = tokio::time::timeout(Duration::from_millis(50), sub.recv()).await.ok().flatten()?;
+        Some(match m {
+            BusMessage::Event(e) => format!("{} {}", e.kind, e.session_id),
+            BusMessage::Resync => "resync".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn events_reach_only_the_sockets_they_are_for() {
+        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let (mut a, mut b) = (bus.subscribe_client("a"), bus.subscribe_client("b"));
+        let mut alice = bus.subscribe_agent("alice");
+        let mut bob = bus.subscribe_agent("bob");
+
+        bus.publish(event("message", "a", Some("alice"))).await;
+        assert_eq!(next(&mut a).await.as_deref(), Some("message a"));
+        assert_eq!(next(&mut alice).await.as_deref(), Some("message a"));
+        assert_eq!((next(&mut b).await, next(&mut bob).await), (None, None));
+
+        // Status changes: the session's visitor and every agent.
+        bus.publish(event("status", "b", None)).await;
+        assert_eq!(next(&mut b).await.as_deref(), Some("status b"));
+        assert_eq!(next(&mut alice).await.as_deref(), Some("status b"));
+        assert_eq!(next(&mut bob).await.as_deref(), Some("status b"));
+        assert_eq!(next(&mut a).await, None);
+
+        // Queue changes: everyone, and the queue generation moves first.
+        let generation = bus.queue_generation();
+        bus.publish(event("queue", "", None)).await;
+        assert_eq!(bus.queue_generation(), generation + 1);
+        for sub in [&mut a, &mut b, &mut alice, &mut bob] {
+            assert_eq!(next(sub).await.as_deref(), Some("queue "));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_topic_lives_as_long_as_its_last_socket() {
+        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let topics = || bus.local.topics.lock().unwrap().len();
+        let first = bus.subscribe_client("a");
+        let mut second = bus.subscribe_client("a");
+        assert_eq!(topics(), 1);
+        drop(first);
+        assert_eq!(topics(), 1, "another socket of the session still listens");
+        bus.publish(event("message", "a", None)).await;
+        assert_eq!(next(&mut second).await.as_deref(), Some("message a"));
+        drop(second);
+        assert_eq!(topics(), 0);
+        // Events for a session nobody watches go nowhere, quietly.
+        bus.publish(event("message", "a", None)).await;
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_falls_behind_is_told_to_resync() {
+        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let mut slow = bus.subscribe_client("a");
+        for _ in 0..TOPIC_BUFFER + 10 {
+            bus.publish(event("message", "a", None)).await;
+        }
+        assert_eq!(next(&mut slow).await.as_deref(), Some("resync"));
     }
 }

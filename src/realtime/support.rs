@@ -32,6 +32,8 @@ pub struct SupportDesk {
     pub phrases: HandoffPhrases,
     /// Session creations per client address.
     pub creations: Limiter,
+    /// The queue as last read, and the bus's queue generation it was read at.
+    pub queue_cache: tokio::sync::Mutex<Option<(u64, Arc<Vec<Value>>)>>,
 }
 
 impl SupportDesk {
@@ -41,18 +43,50 @@ impl SupportDesk {
         } else {
             HandoffPhrases::new(phrases)
         };
-        Self { bus, phrases, creations: Limiter::new("support-sessions", per_address, 10 * 60 * 1000, shared) }
+        let creations = Limiter::new("support-sessions", per_address, 10 * 60 * 1000, shared);
+        Self { bus, phrases, creations, queue_cache: Default::default() }
     }
 }
 
 /// The JSON of a session as clients and agents see it.
 pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<Value, ApiError> {
     let position = state.store.queue_position(s).await?;
-    let wait = match position {
-        Some(p) => Some(estimated_wait_seconds(p, state.store.recent_support_wait_ms().await?)),
+    let recent_wait_ms = match position {
+        Some(_) => state.store.recent_support_wait_ms().await?,
         None => None,
     };
-    Ok(json!({
+    Ok(session_view(s, position, recent_wait_ms))
+}
+
+/// The waiting sessions, first come first, as JSON: two queries whatever
+/// the queue's length.
+pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
+    let queue = state.store.support_queue().await?;
+    let recent_wait_ms = state.store.recent_support_wait_ms().await?;
+    Ok(queue.iter().zip(1..).map(|(s, position)| session_view(s, Some(position), recent_wait_ms)).collect())
+}
+
+/// `queue_json` for the sockets: one read per queue change on this
+/// instance, shared by all its agent consoles. (The bus bumps the generation
+/// before it tells the sockets, so a snapshot of the current generation is
+/// never older than the change a socket was told about. REST reads stay
+/// fresh: with Redis, their own change may not have come round yet.)
+pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<Value>>, ApiError> {
+    let generation = state.support.bus.queue_generation();
+    let mut cached = state.support.queue_cache.lock().await;
+    if let Some((at, items)) = cached.as_ref()
+        && *at == generation
+    {
+        return Ok(items.clone());
+    }
+    let items = Arc::new(queue_json(state).await?);
+    *cached = Some((generation, items.clone()));
+    Ok(items)
+}
+
+fn session_view(s: &SupportSessionRecord, position: Option<i64>, recent_wait_ms: Option<i64>) -> Value {
+    let wait = position.map(|p| estimated_wait_seconds(p, recent_wait_ms));
+    json!({
         "session_id": s.id,
         "status": s.status,
         "client_info": { "name": s.client_name, "email": s.client_email, "phone": s.client_phone },
@@ -62,7 +96,7 @@ pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<
         "waiting_since": s.queued_at.filter(|_| s.status == SupportStatus::Queued).map(rfc3339),
         "created_at": rfc3339(s.created_at),
         "updated_at": rfc3339(s.updated_at),
-    }))
+    })
 }
 
 fn agent_json(s: &SupportSessionRecord) -> Value {

@@ -7,6 +7,8 @@
 //!
 //! Usage: stream_bench <path to palaver> [levels, default 100,500,1000,2000] [kinds, default sse,ws]
 
+mod common;
+
 use std::{
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
@@ -34,12 +36,7 @@ fn now_us() -> u64 {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let binary = args.next().expect("usage: stream_bench <path to palaver> [levels]");
-    let levels: Vec<usize> = args
-        .next()
-        .unwrap_or_else(|| "100,500,1000,2000".into())
-        .split(',')
-        .map(|n| n.trim().parse().expect("levels are numbers"))
-        .collect();
+    let levels = common::levels(args.next(), "100,500,1000,2000");
     let kinds: Vec<Kind> = args
         .next()
         .unwrap_or_else(|| "sse,ws".into())
@@ -81,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!(
         "mock provider: {RATE} tokens/s, {TOKENS} tokens per reply; server RSS at rest {} MiB",
-        rss_kib(pid) / 1024
+        common::rss_kib(pid) / 1024
     );
     println!(
         "{:<4} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9}",
@@ -149,7 +146,7 @@ async fn run_level(bench: &Arc<Bench>, kind: Kind, n: usize) -> LevelResult {
         tokio::spawn(async move {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(common::rss_kib(pid));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
@@ -319,15 +316,4 @@ async fn signup(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
         .await?;
     let tokens: Value = r.json().await?;
     Ok(tokens["access_token"].as_str().expect("access token").to_owned())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

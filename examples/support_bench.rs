@@ -17,6 +17,8 @@
 //! (`two` reads PALAVER_BENCH_POSTGRES_URL and PALAVER_BENCH_REDIS_URL,
 //! defaulting to the local services.)
 
+mod common;
+
 use std::{
     collections::HashMap,
     sync::{Arc, OnceLock},
@@ -56,12 +58,7 @@ struct Instance {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let binary = args.next().expect("usage: support_bench <path to palaver> [levels] [one|two]");
-    let levels: Vec<usize> = args
-        .next()
-        .unwrap_or_else(|| "100,500,1000".into())
-        .split(',')
-        .map(|n| n.trim().parse().expect("levels are numbers"))
-        .collect();
+    let levels = common::levels(args.next(), "100,500,1000");
     let two = match args.next().as_deref() {
         None | Some("one") => false,
         Some("two") => true,
@@ -295,7 +292,7 @@ async fn run_level(
         tokio::spawn(async move {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(pids.iter().map(|p| rss_kib(*p)).sum());
+                peak = peak.max(pids.iter().map(|p| common::rss_kib(*p)).sum());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
@@ -413,15 +410,4 @@ fn spawn_agent(socket: Socket) -> (tokio::task::JoinHandle<()>, Arc<std::sync::M
         }
     });
     (task, latencies)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -55,6 +55,18 @@ async fn session(app: &TestApp, v: &Visitor) -> Value {
     r.body
 }
 
+/// Puts a visitor in the queue (asserting it worked).
+pub async fn handoff(app: &TestApp, v: &Visitor) {
+    let r = app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
+    r.assert_status(StatusCode::OK);
+}
+
+/// `agent` claims a queued visitor (asserting it won).
+pub async fn claim(app: &TestApp, agent: &TestUser, v: &Visitor) {
+    let r = app.post(&format!("/api/agent/sessions/{}/claim", v.id)).bearer_auth(&agent.token).fetch().await;
+    r.assert_status(StatusCode::OK);
+}
+
 /// A new user with the agent role.
 pub async fn agent(app: &TestApp) -> TestUser {
     let user = app.signup().await;
@@ -106,7 +118,7 @@ async fn the_whole_desk_flow_over_rest(app: TestApp) {
     let handed = app.post(&format!("/api/support/sessions/{}/handoff", v2.id)).bearer_auth(&v2.token).fetch().await;
     handed.assert_status(StatusCode::OK);
     assert_eq!(handed.body["status"], "queued");
-    app.post(&format!("/api/support/sessions/{}/handoff", v3.id)).bearer_auth(&v3.token).fetch().await;
+    handoff(&app, &v3).await;
 
     for (v, position) in [(&v1, 1), (&v2, 2), (&v3, 3)] {
         let s = session(&app, v).await;
@@ -164,11 +176,7 @@ async fn the_whole_desk_flow_over_rest(app: TestApp) {
     assert_eq!(session(&app, &v2).await["queue_position"], 2);
 
     // Claim again, then close; the closed session takes no more messages.
-    app.post(&format!("/api/agent/sessions/{}/claim", v1.id))
-        .bearer_auth(&bob.token)
-        .fetch()
-        .await
-        .assert_status(StatusCode::OK);
+    claim(&app, &bob, &v1).await;
     app.post(&format!("/api/agent/sessions/{}/close", v1.id))
         .bearer_auth(&alice.token)
         .fetch()
@@ -190,7 +198,7 @@ async fn the_whole_desk_flow_over_rest(app: TestApp) {
 
 async fn exactly_one_of_ten_concurrent_claims_wins(app: TestApp) {
     let v = visitor(&app, "solo").await;
-    app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
+    handoff(&app, &v).await;
     let mut agents = Vec::new();
     for _ in 0..10 {
         agents.push(agent(&app).await);
@@ -330,7 +338,7 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts(mut app: TestApp) {
 async fn the_estimated_wait_comes_from_recent_claims(app: TestApp) {
     let (v1, v2, v3) = (visitor(&app, "w1").await, visitor(&app, "w2").await, visitor(&app, "w3").await);
     for v in [&v1, &v2, &v3] {
-        app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
+        handoff(&app, v).await;
     }
     // No claims yet: two minutes per place in the queue.
     assert_eq!(session(&app, &v1).await["estimated_wait_seconds"], 120);
@@ -339,11 +347,7 @@ async fn the_estimated_wait_comes_from_recent_claims(app: TestApp) {
     // The first visitor waited 45 s; the next ones are told so, per place.
     app.advance(std::time::Duration::from_secs(45));
     let alice = agent(&app).await;
-    app.post(&format!("/api/agent/sessions/{}/claim", v1.id))
-        .bearer_auth(&alice.token)
-        .fetch()
-        .await
-        .assert_status(StatusCode::OK);
+    claim(&app, &alice, &v1).await;
     let s2 = session(&app, &v2).await;
     assert_eq!((s2["queue_position"].as_i64(), s2["estimated_wait_seconds"].as_i64()), (Some(1), Some(45)));
     assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 90);
@@ -351,23 +355,15 @@ async fn the_estimated_wait_comes_from_recent_claims(app: TestApp) {
 
     // The second waited 105 s: the average of recent waits is 75 s.
     app.advance(std::time::Duration::from_secs(60));
-    app.post(&format!("/api/agent/sessions/{}/claim", v2.id))
-        .bearer_auth(&alice.token)
-        .fetch()
-        .await
-        .assert_status(StatusCode::OK);
+    claim(&app, &alice, &v2).await;
     assert_eq!(session(&app, &v3).await["estimated_wait_seconds"], 75);
 }
 
 async fn hostile_input_to_the_desk_gets_4xx_never_5xx(app: TestApp) {
     let v = visitor(&app, "hostile").await;
     let alice = agent(&app).await;
-    app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
-    app.post(&format!("/api/agent/sessions/{}/claim", v.id))
-        .bearer_auth(&alice.token)
-        .fetch()
-        .await
-        .assert_status(StatusCode::OK);
+    handoff(&app, &v).await;
+    claim(&app, &alice, &v).await;
     let (client_messages, agent_messages) =
         (format!("/api/support/sessions/{}/messages", v.id), format!("/api/agent/sessions/{}/messages", v.id));
     let targets = [

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::helpers::{Fetch, TestApp, TestUser, WsClient, WsEnd, db_tests};
 use crate::mock_openai::{Script, StreamEnd};
-use crate::support::{Visitor, agent, visitor};
+use crate::support::{Visitor, agent, claim, handoff, visitor};
 
 db_tests!(
     the_whole_desk_flow_over_sockets,
@@ -225,12 +225,8 @@ async fn the_whole_desk_flow_over_sockets(app: TestApp) {
 async fn both_sockets_replay_what_they_missed_since_an_event_id(app: TestApp) {
     let v = visitor(&app, "replay").await;
     let alice = agent(&app).await;
-    app.post(&format!("/api/support/sessions/{}/handoff", v.id)).bearer_auth(&v.token).fetch().await;
-    app.post(&format!("/api/agent/sessions/{}/claim", v.id))
-        .bearer_auth(&alice.token)
-        .fetch()
-        .await
-        .assert_status(StatusCode::OK);
+    handoff(&app, &v).await;
+    claim(&app, &alice, &v).await;
 
     // A fresh client socket replays the session's log, then its status.
     let mut c = client_socket(app.port, &v, None).await;
@@ -304,8 +300,8 @@ async fn sockets_check_their_credentials_before_the_upgrade(app: TestApp) {
     }
     // An agent's socket does not show other agents' conversations.
     let bob = agent(&app).await;
-    app.post(&format!("/api/support/sessions/{}/handoff", v1.id)).bearer_auth(&v1.token).fetch().await;
-    app.post(&format!("/api/agent/sessions/{}/claim", v1.id)).bearer_auth(&alice.token).fetch().await;
+    handoff(&app, &v1).await;
+    claim(&app, &alice, &v1).await;
     app.post(&format!("/api/agent/sessions/{}/messages", v1.id))
         .bearer_auth(&alice.token)
         .json(&json!({ "content": "private" }))

@@ -22,6 +22,8 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::redis_link::RedisLink;
+
 /// Events a slow socket may fall behind before it resynchronises from the log.
 const LOCAL_BUFFER: usize = 4096;
 
@@ -59,8 +61,8 @@ pub struct SupportBus {
 
 /// Events that may wait for Redis before they are delivered locally instead.
 const OUTBOX: usize = 16_384;
-/// How long a failing Redis is left alone before the next try.
-const PUBLISH_REST: Duration = Duration::from_secs(1);
+/// The most one publish may take before the event is delivered locally.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 impl SupportBus {
     /// An in-process bus; with a Redis client, also the subscriber task that
@@ -105,7 +107,7 @@ impl SupportBus {
     /// Redis: the publisher task sends events in order, and whatever Redis
     /// cannot take reaches this instance's sockets directly and the other
     /// instances through the log (see `publish_loop`).
-    pub async fn publish(&self, event: BusEvent) {
+    pub fn publish(&self, event: BusEvent) {
         let event = match &self.outbox {
             None => event,
             Some(outbox) => match outbox.try_send(event) {
@@ -232,13 +234,7 @@ async fn publish_loop(
     owes_resync: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    let mut manager: Option<redis::aio::ConnectionManager> = None;
-    let mut resting_until = tokio::time::Instant::now();
+    let link = RedisLink::new(client, PUBLISH_WAIT, "support events");
     let resync =
         BusEvent { session_id: String::new(), seq: None, kind: "resync".into(), payload: Value::Null, agent_id: None };
     let resync = serde_json::to_string(&resync).unwrap_or_default();
@@ -257,24 +253,7 @@ async fn publish_loop(
             None if owes_resync.swap(false, Ordering::SeqCst) => resync.clone(),
             None => continue,
         };
-        let mut sent = false;
-        if tokio::time::Instant::now() >= resting_until {
-            // A connection broken by a Redis restart fails once, then the
-            // manager reconnects: one retry covers that.
-            for _ in 0..2 {
-                match publish(&client, &config, &mut manager, &channel, &payload).await {
-                    Ok(()) => {
-                        sent = true;
-                        break;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "publishing to Redis failed"),
-                }
-            }
-            if !sent {
-                resting_until = tokio::time::Instant::now() + PUBLISH_REST;
-                tracing::warn!("Redis does not take support events; delivering them locally until it does");
-            }
-        }
+        let sent = link.query::<()>(redis::pipe().cmd("PUBLISH").arg(&channel).arg(payload).ignore()).await.is_some();
         match (event, sent) {
             (None, true) => tracing::info!("Redis is back; asked every instance to resynchronise from the event log"),
             (None, false) => owes_resync.store(true, Ordering::SeqCst),
@@ -285,20 +264,6 @@ async fn publish_loop(
             }
         }
     }
-}
-
-async fn publish(
-    client: &redis::Client,
-    config: &redis::aio::ConnectionManagerConfig,
-    manager: &mut Option<redis::aio::ConnectionManager>,
-    channel: &str,
-    payload: &str,
-) -> redis::RedisResult<()> {
-    if manager.is_none() {
-        *manager = Some(redis::aio::ConnectionManager::new_with_config(client.clone(), config.clone()).await?);
-    }
-    let mut conn = manager.clone().expect("connected above");
-    redis::cmd("PUBLISH").arg(channel).arg(payload).query_async::<i64>(&mut conn).await.map(|_| ())
 }
 
 async fn subscribe_loop(client: redis::Client, channel: String, local: Local, stop: CancellationToken) {
@@ -380,13 +345,13 @@ mod tests {
         let mut alice = bus.subscribe_agent("alice");
         let mut bob = bus.subscribe_agent("bob");
 
-        bus.publish(event("message", "a", Some("alice"))).await;
+        bus.publish(event("message", "a", Some("alice")));
         assert_eq!(next(&mut a).await.as_deref(), Some("message a"));
         assert_eq!(next(&mut alice).await.as_deref(), Some("message a"));
         assert_eq!((next(&mut b).await, next(&mut bob).await), (None, None));
 
         // Status changes: the session's visitor and every agent.
-        bus.publish(event("status", "b", None)).await;
+        bus.publish(event("status", "b", None));
         assert_eq!(next(&mut b).await.as_deref(), Some("status b"));
         assert_eq!(next(&mut alice).await.as_deref(), Some("status b"));
         assert_eq!(next(&mut bob).await.as_deref(), Some("status b"));
@@ -394,7 +359,7 @@ mod tests {
 
         // Queue changes: everyone, and the queue generation moves first.
         let generation = bus.queue_generation();
-        bus.publish(event("queue", "", None)).await;
+        bus.publish(event("queue", "", None));
         assert_eq!(bus.queue_generation(), generation + 1);
         for sub in [&mut a, &mut b, &mut alice, &mut bob] {
             assert_eq!(next(sub).await.as_deref(), Some("queue "));
@@ -410,12 +375,12 @@ mod tests {
         assert_eq!(topics(), 1);
         drop(first);
         assert_eq!(topics(), 1, "another socket of the session still listens");
-        bus.publish(event("message", "a", None)).await;
+        bus.publish(event("message", "a", None));
         assert_eq!(next(&mut second).await.as_deref(), Some("message a"));
         drop(second);
         assert_eq!(topics(), 0);
         // Events for a session nobody watches go nowhere, quietly.
-        bus.publish(event("message", "a", None)).await;
+        bus.publish(event("message", "a", None));
     }
 
     #[tokio::test]
@@ -423,7 +388,7 @@ mod tests {
         let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
         let mut slow = bus.subscribe_client("a");
         for _ in 0..TOPIC_BUFFER + 10 {
-            bus.publish(event("message", "a", None)).await;
+            bus.publish(event("message", "a", None));
         }
         assert_eq!(next(&mut slow).await.as_deref(), Some("resync"));
     }

@@ -4,79 +4,23 @@
 //! and reads the same counter; a key is blocked when either count is past
 //! the limit. While Redis does not answer the local count still protects.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
+use super::redis_link::RedisLink;
 use crate::domain::throttle::FailureThrottle;
 
 /// How long one Redis call of a limiter may take before the local count decides.
 const REDIS_WAIT: Duration = Duration::from_millis(500);
-/// How long a failing Redis is left alone.
-const REDIS_REST: Duration = Duration::from_secs(1);
 
 /// The Redis side shared by every limiter of an instance.
 pub struct SharedCounters {
-    client: redis::Client,
+    link: RedisLink,
     prefix: String,
-    manager: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
-    epoch: Instant,
-    /// Milliseconds after `epoch` before which Redis is not tried.
-    resting_until_ms: AtomicU64,
 }
 
 impl SharedCounters {
     pub fn new(client: redis::Client, prefix: &str) -> Arc<Self> {
-        Arc::new(Self {
-            client,
-            prefix: prefix.to_owned(),
-            manager: tokio::sync::OnceCell::new(),
-            epoch: Instant::now(),
-            resting_until_ms: AtomicU64::new(0),
-        })
-    }
-
-    /// Runs `op` on a Redis connection within `REDIS_WAIT`; `None` (and a
-    /// rest) when Redis is resting, slow or failing.
-    async fn run<T, F, Fut>(&self, op: F) -> Option<T>
-    where
-        F: FnOnce(redis::aio::ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        if now < self.resting_until_ms.load(Ordering::Relaxed) {
-            return None;
-        }
-        let attempt = async {
-            let manager = self
-                .manager
-                .get_or_try_init(|| async {
-                    let config = redis::aio::ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(REDIS_WAIT))
-                        .set_response_timeout(Some(REDIS_WAIT))
-                        .set_number_of_retries(1);
-                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
-                })
-                .await?;
-            op(manager.clone()).await
-        };
-        match tokio::time::timeout(REDIS_WAIT, attempt).await {
-            Ok(Ok(value)) => Some(value),
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".to_owned(),
-                };
-                tracing::warn!(%error, "Redis did not answer a rate-limit call; counting on this instance only for now");
-                let until = (self.epoch.elapsed() + REDIS_REST).as_millis() as u64;
-                self.resting_until_ms.store(until, Ordering::Relaxed);
-                None
-            }
-        }
+        Arc::new(Self { link: RedisLink::new(client, REDIS_WAIT, "rate limits"), prefix: prefix.to_owned() })
     }
 }
 
@@ -103,17 +47,8 @@ impl Limiter {
         let local = self.local.blocked_for(key, now);
         let Some(shared) = &self.shared else { return local };
         let redis_key = self.redis_key(shared, key);
-        let counted = shared
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .cmd("GET")
-                    .arg(&redis_key)
-                    .cmd("PTTL")
-                    .arg(&redis_key)
-                    .query_async::<(Option<u32>, i64)>(&mut conn)
-                    .await
-            })
-            .await;
+        let counted: Option<(Option<u32>, i64)> =
+            shared.link.query(redis::pipe().cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key)).await;
         let remote = match counted {
             Some((Some(count), ttl)) if count >= self.limit && ttl > 0 => Some(ttl),
             _ => None,
@@ -129,24 +64,20 @@ impl Limiter {
         let window = self.window_ms;
         // The window starts with the first count (SET … NX keeps an existing
         // one and its expiry); INCR leaves the expiry alone.
-        shared
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("SET")
-                    .arg(&redis_key)
-                    .arg(0)
-                    .arg("PX")
-                    .arg(window)
-                    .arg("NX")
-                    .ignore()
-                    .cmd("INCR")
-                    .arg(&redis_key)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
-            .await;
+        let count = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(&redis_key)
+            .arg(0)
+            .arg("PX")
+            .arg(window)
+            .arg("NX")
+            .ignore()
+            .cmd("INCR")
+            .arg(&redis_key)
+            .ignore()
+            .clone();
+        shared.link.query::<()>(&count).await;
     }
 
     /// Forgets `key`'s count (e.g. after a successful login).
@@ -154,8 +85,6 @@ impl Limiter {
         self.local.reset(key);
         let Some(shared) = &self.shared else { return };
         let redis_key = self.redis_key(shared, key);
-        shared
-            .run(|mut conn| async move { redis::cmd("DEL").arg(&redis_key).query_async::<()>(&mut conn).await })
-            .await;
+        shared.link.query::<()>(redis::pipe().cmd("DEL").arg(&redis_key).ignore()).await;
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod limits;
+pub mod redis_link;
 pub mod replies;
 pub mod support;
 

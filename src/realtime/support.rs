@@ -127,7 +127,7 @@ async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload:
         payload,
         agent_id: s.assigned_agent.clone(),
     };
-    state.support.bus.publish(event).await;
+    state.support.bus.publish(event);
     Ok(())
 }
 
@@ -144,7 +144,7 @@ async fn status_changed(state: &AppState, id: &str) -> Result<SupportSessionReco
 pub async fn queue_changed(state: &AppState) {
     let event =
         BusEvent { session_id: String::new(), seq: None, kind: "queue".into(), payload: Value::Null, agent_id: None };
-    state.support.bus.publish(event).await;
+    state.support.bus.publish(event);
     metrics::gauge!("palaver_support_queue_length")
         .set(state.store.support_queue().await.map_or(0, |q| q.len()) as f64);
 }
@@ -272,7 +272,7 @@ async fn forward_reply(
                 let payload = json!({ "message_id": message_id, "text": text });
                 let event =
                     BusEvent { session_id: s.id.clone(), seq: None, kind: "delta".into(), payload, agent_id: None };
-                state.support.bus.publish(event).await;
+                state.support.bus.publish(event);
             }
             ReplyEvent::Finished(m) => {
                 if let Err(e) = record(&state, &s, "message", message_json(&s.id, &m)).await {

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Db, Fetch, SseStream, TestApp, TestUser, delta_text, spawn_process_app_with};
 use crate::mock_openai::Script;
+use crate::streaming::until_first_delta;
 use crate::support::Visitor;
 use crate::support_ws::{
     agent_socket, assert_closed_politely, client_socket, message_is, queue_is, status_is, stored_messages, until,
@@ -282,12 +283,7 @@ async fn a_reply_resumes_and_is_cancelled_through_another_instance() {
 
         // Started on a; the client is gone after the first delta.
         let mut stream = a.post_message_sse(&user, &conversation, "A long story", None).await;
-        let first = loop {
-            let e = stream.next().await.expect("the stream ended before its first delta");
-            if e.event == "delta" {
-                break e;
-            }
-        };
+        let first = until_first_delta(&mut stream).await.pop().expect("the first delta");
         drop(stream);
         let reply_id = first.data["message_id"].as_str().unwrap().to_owned();
         let seen = first.data["text"].as_str().unwrap().to_owned();
@@ -309,12 +305,8 @@ async fn a_reply_resumes_and_is_cancelled_through_another_instance() {
         // the stream a's client still reads ends with the cancelled reply.
         a.provider.stream(Script::words(400, Duration::from_millis(25)));
         let mut stream = a.post_message_sse(&user, &conversation, "Go on and on", None).await;
-        let reply_id = loop {
-            let e = stream.next().await.expect("the stream ended before its first delta");
-            if e.event == "delta" {
-                break e.data["message_id"].as_str().unwrap().to_owned();
-            }
-        };
+        let first = until_first_delta(&mut stream).await.pop().expect("the first delta");
+        let reply_id = first.data["message_id"].as_str().unwrap().to_owned();
         let cancelled = client
             .post(format!("{}/api/conversations/{conversation}/messages/{reply_id}/cancel", b.address))
             .bearer_auth(&user.token)

@@ -67,7 +67,7 @@ fn assert_event_ids(events: &[SseEvent], from: usize) {
 }
 
 /// Reads a stream up to and with its first delta; returns the events.
-async fn until_first_delta(stream: &mut SseStream) -> Vec<SseEvent> {
+pub async fn until_first_delta(stream: &mut SseStream) -> Vec<SseEvent> {
     let mut events = Vec::new();
     loop {
         let e = stream.next().await.expect("the stream ended before its first delta");

@@ -111,6 +111,11 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<Secret>,
 
+    /// Seconds a request waits for a database connection (and, on SQLite, for
+    /// the write lock) before it answers 503.
+    #[arg(long, env = "PALAVER_DATABASE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600), global = true)]
+    pub database_timeout: u64,
+
     /// Redis for running several instances: the support desk's live events and
     /// the rate limits are shared through it. A single instance needs none.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]
@@ -193,7 +198,8 @@ pub struct Settings {
     #[arg(long, env = "PALAVER_FALLBACK_MODELS", value_delimiter = ',', global = true)]
     pub fallback_models: Vec<String>,
 
-    /// Seconds a provider may stay silent (before its first token or between two chunks).
+    /// Seconds a provider may stay silent, before its first token or between two chunks
+    /// (within the attempt's PALAVER_PROVIDER_TIMEOUT).
     #[arg(long, env = "PALAVER_PROVIDER_IDLE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
     pub provider_idle_timeout: u64,
 
@@ -214,7 +220,8 @@ pub struct Settings {
     #[arg(long, env = "PALAVER_DEFAULT_MODEL", global = true)]
     pub default_model: Option<String>,
 
-    /// Seconds allowed for one provider attempt; a hung provider answers 504.
+    /// Seconds one provider attempt may take, first byte to last (a hung or
+    /// stalled provider answers 504); PALAVER_PROVIDER_IDLE_TIMEOUT bounds the gaps inside it.
     #[arg(long, env = "PALAVER_PROVIDER_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
     pub provider_timeout: u64,
 

@@ -108,6 +108,12 @@ impl Application {
                 "replies still generating at exit; the next start marks them failed"
             );
         }
+        if !self.state.replies.usage.flush(&self.state.store).await {
+            tracing::warn!(
+                tokens = self.state.replies.usage.pending_tokens(),
+                "usage totals could not be written before exit"
+            );
+        }
         self.shutdown.cancel();
         self.state.store.close().await;
         Ok(())
@@ -232,7 +238,10 @@ pub async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
         Some(u) => u.expose().to_owned(),
         None => format!("sqlite://{}", settings.data_dir.join("palaver.db").display()),
     };
-    Store::connect(&url).await.map_err(|e| ConfigError(format!("cannot open the database: {e}")).into())
+    let timeout = Duration::from_secs(settings.database_timeout);
+    Store::connect_with_timeout(&url, timeout)
+        .await
+        .map_err(|e| ConfigError(format!("cannot open the database: {e}")).into())
 }
 
 fn check_cors(settings: &Settings) -> Result<(), ConfigError> {

@@ -1,7 +1,8 @@
-//! One model's call, made resilient: the per-attempt deadline for the first
-//! event (PALAVER_PROVIDER_TIMEOUT) and the idle timeout between events
-//! after it, retries with backoff before the first delta, the
-//! final usage (estimated when the provider reports none) and the metrics.
+//! One model's call, made resilient: a deadline for the whole attempt
+//! (PALAVER_PROVIDER_TIMEOUT, first byte to last) and, inside it, the idle
+//! timeout between two events (PALAVER_PROVIDER_IDLE_TIMEOUT), retries with
+//! backoff before the first delta, the final usage (estimated when the
+//! provider reports none) and the metrics.
 //!
 //! An attempt counts as started once its first event has arrived; until
 //! then any retryable failure (connection, 429, 5xx) tries again, after
@@ -28,7 +29,7 @@ use crate::domain::{
 pub struct CallPolicy {
     /// Longest one attempt may take, first byte to last.
     pub attempt_timeout: Duration,
-    /// Longest wait for the first event and between two events.
+    /// Longest silence: before the first event and between two events.
     pub idle_timeout: Duration,
     /// Attempts after the first, for retryable failures.
     pub retries: u32,
@@ -162,13 +163,15 @@ async fn attempt_once(
 ) -> Result<ChatStream, ProviderError> {
     labels.call();
     let started = Instant::now();
-    let first_wait = started + policy.attempt_timeout;
+    let deadline = started + policy.attempt_timeout;
     let request = ChatRequest { model: model.model().to_owned(), messages: messages.to_vec() };
     let opened = async {
         let mut events = adapter.stream_chat(request).await?;
         let first = events.next().await.transpose()?;
         Ok::<_, ProviderError>((events, first))
     };
+    // Silence before the first event counts like any other gap.
+    let first_wait = deadline.min(started + policy.idle_timeout);
     let (events, first) = match timeout_at(first_wait, opened).await.unwrap_or(Err(ProviderError::Timeout)) {
         Ok(opened) => opened,
         Err(e) => {
@@ -181,6 +184,7 @@ async fn attempt_once(
         events,
         first,
         idle: policy.idle_timeout,
+        deadline,
         labels: labels.clone(),
         started,
         saw_delta: false,
@@ -192,13 +196,15 @@ async fn attempt_once(
     Ok(Box::pin(stream::unfold(guard, |mut g| async move { g.next().await.map(|e| (e, g)) })))
 }
 
-/// A started attempt: applies the idle timeout to what is left,
-/// holds the provider's usage back until the end and makes sure the stream
-/// ends with one (estimated if need be).
+/// A started attempt: applies the idle timeout and the attempt's deadline
+/// to what is left, holds the provider's usage back until the end and makes
+/// sure the stream ends with one (estimated if need be).
 struct Guard {
     events: ChatStream,
     first: Option<ChatEvent>,
     idle: Duration,
+    /// When the whole attempt must be over, however steadily it streams.
+    deadline: Instant,
     labels: Labels,
     started: Instant,
     saw_delta: bool,
@@ -216,9 +222,9 @@ impl Guard {
         loop {
             let next = match self.first.take() {
                 Some(first) => Ok(Some(Ok(first))),
-                // Once text flows, only gaps count: a long answer streamed
-                // steadily is not a hung provider.
-                None => timeout_at(Instant::now() + self.idle, self.events.next()).await,
+                // A gap longer than the idle timeout is a stalled provider;
+                // the attempt as a whole still ends at its deadline.
+                None => timeout_at((Instant::now() + self.idle).min(self.deadline), self.events.next()).await,
             };
             match next {
                 Ok(Some(Ok(ChatEvent::Delta(text)))) => {

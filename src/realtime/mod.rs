@@ -7,5 +7,6 @@ pub mod limits;
 pub mod redis_link;
 pub mod replies;
 pub mod support;
+pub mod usage;
 
 pub use replies::{Replies, ReplyEvent};

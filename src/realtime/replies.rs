@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use super::usage::UsageLedger;
 use crate::{
     domain::{
         context::{ChatMessage, ChatRole, fit_history},
@@ -25,7 +26,8 @@ use crate::{
     http::{AppState, error::ApiError},
     providers::{ChatEvent, ProviderError, Usage},
     store::{
-        ConversationRecord, IdempotencyClaim, IdempotentSend, MessageRecord, MessageUpdate, NewMessage, StoreError,
+        ConversationRecord, Exchange, ExchangeOutcome, IdempotentSend, MessageRecord, MessageUpdate, NewMessage,
+        StoreError,
     },
 };
 
@@ -101,6 +103,8 @@ impl LiveReply {
 pub struct Replies {
     live: Mutex<HashMap<String, Arc<LiveReply>>>,
     tasks: TaskTracker,
+    /// Token totals that could not be written yet (the database was down).
+    pub usage: UsageLedger,
 }
 
 impl Replies {
@@ -145,26 +149,123 @@ pub struct Sent {
     pub assistant_message: MessageRecord,
 }
 
-/// Stores the user message (on disk before this returns), starts the reply
-/// and returns both messages. A retry with the same idempotency key returns
-/// the original messages and starts nothing.
+/// Stores the user message and the reply's placeholder (on disk before this
+/// returns), starts the reply and returns both messages. A retry with the
+/// same idempotency key returns the original messages and starts nothing.
 pub async fn send(state: &Arc<AppState>, req: SendRequest) -> Result<Sent, ApiError> {
-    let new_conversation_id = uuid::Uuid::new_v4().to_string();
-    let conversation_id = match &req.target {
-        Target::Existing(c) => c.id.clone(),
-        Target::New => new_conversation_id,
+    let model = match req.model.clone().or_else(|| match &req.target {
+        Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
+        Target::New => None,
+    }) {
+        Some(m) if state.providers.validate_model(&m.to_string()).is_ok() => m,
+        _ => state.providers.default_model().clone(),
+    };
+    let stored = store_send(
+        state,
+        StoreSend {
+            owner: &req.user_id,
+            target: &req.target,
+            content: req.content.as_str(),
+            request_hash: request_hash(&req),
+            idempotency_key: req.idempotency_key.as_deref(),
+            answer_with: Some(&model),
+            requested_model: req.model.as_ref(),
+        },
+    )
+    .await?;
+    let assistant_message = stored.assistant.ok_or_else(|| anyhow::anyhow!("a send stored no reply placeholder"))?;
+    if stored.fresh {
+        start_generation(state, &assistant_message, &req.user_id, model, stored.conversation, stored.user_message.seq);
+    }
+    Ok(Sent {
+        conversation_id: assistant_message.conversation_id.clone(),
+        fresh: stored.fresh,
+        user_message: stored.user_message,
+        assistant_message,
+    })
+}
+
+/// One message to store, with or without a reply to generate.
+pub struct StoreSend<'a> {
+    /// Who owns the conversation (and the idempotency key).
+    pub owner: &'a str,
+    pub target: &'a Target,
+    pub content: &'a str,
+    /// What a retry with the same key must repeat (see `send_hash`).
+    pub request_hash: String,
+    pub idempotency_key: Option<&'a str>,
+    /// The model that will answer: a placeholder is stored for its reply.
+    pub answer_with: Option<&'a ModelId>,
+    /// The model the client named, which a new conversation keeps.
+    pub requested_model: Option<&'a ModelId>,
+}
+
+/// What `store_send` stored, or found stored by the original request.
+pub struct Stored {
+    /// False for a retry that found the original request's messages.
+    pub fresh: bool,
+    pub conversation: ConversationRecord,
+    pub user_message: MessageRecord,
+    pub assistant: Option<MessageRecord>,
+}
+
+/// The one idempotent write of every send (chat, socket, support): the key
+/// is claimed in the transaction that stores the messages, so a retry finds
+/// the original's messages at once — or, when their conversation was deleted
+/// since, a 404 — and never waits for a request that no longer runs.
+pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored, ApiError> {
+    let now = state.clock.now_ms();
+    let conversation = match send.target {
+        Target::Existing(c) => c.clone(),
+        Target::New => ConversationRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            user_id: send.owner.to_owned(),
+            title: None,
+            system_prompt: None,
+            model: send.requested_model.map(ToString::to_string),
+            message_count: 0,
+            last_message_at: None,
+            created_at: now,
+            updated_at: now,
+        },
     };
     let ids = IdempotentSend {
-        request_hash: request_hash(&req, &conversation_id),
-        conversation_id,
+        request_hash: send.request_hash,
+        conversation_id: conversation.id.clone(),
         user_message_id: uuid::Uuid::now_v7().to_string(),
-        assistant_message_id: uuid::Uuid::now_v7().to_string(),
+        assistant_message_id: send.answer_with.map(|_| uuid::Uuid::now_v7().to_string()).unwrap_or_default(),
     };
-    if let Some(key) = &req.idempotency_key {
-        let now = state.clock.now_ms();
-        if let IdempotencyClaim::Existing(original) =
-            state.store.claim_idempotency_key(&req.user_id, key, &ids, now).await?
-        {
+    let title = conversation.title.is_none().then(|| Title::derive_from(send.content).into_inner());
+    let model_name = send.answer_with.map(ToString::to_string);
+    let exchange = Exchange {
+        idempotency: send.idempotency_key.map(|key| (send.owner, key, &ids)),
+        new_conversation: matches!(send.target, Target::New).then_some(&conversation),
+        user_message: NewMessage {
+            id: &ids.user_message_id,
+            conversation_id: &conversation.id,
+            role: MessageRole::User,
+            content: send.content,
+            status: MessageStatus::Complete,
+            model: None,
+            now,
+        },
+        assistant: send.answer_with.map(|_| NewMessage {
+            id: &ids.assistant_message_id,
+            conversation_id: &conversation.id,
+            role: MessageRole::Assistant,
+            content: "",
+            status: MessageStatus::Streaming,
+            model: model_name.as_deref(),
+            now,
+        }),
+        title_if_none: title.as_deref(),
+    };
+    match state.store.insert_exchange(exchange).await? {
+        ExchangeOutcome::Stored { user_message, assistant } => {
+            Ok(Stored { fresh: true, conversation, user_message: *user_message, assistant: assistant.map(|a| *a) })
+        }
+        ExchangeOutcome::NoConversation => Err(ApiError::NotFound),
+        ExchangeOutcome::Existing(original) => {
             if original.request_hash != ids.request_hash {
                 return Err(ApiError::invalid_field(
                     "idempotency_key_reused",
@@ -172,22 +273,24 @@ pub async fn send(state: &Arc<AppState>, req: SendRequest) -> Result<Sent, ApiEr
                     "was already used for a different request",
                 ));
             }
-            return attach_to_original(state, original).await;
+            let user_message = state.store.message(&original.conversation_id, &original.user_message_id).await?;
+            let assistant = match original.assistant_message_id.as_str() {
+                "" => None,
+                id => state.store.message(&original.conversation_id, id).await?,
+            };
+            // The key outlived its messages: their conversation was deleted.
+            let Some(user_message) = user_message else { return Err(ApiError::NotFound) };
+            if !original.assistant_message_id.is_empty() && assistant.is_none() {
+                return Err(ApiError::NotFound);
+            }
+            Ok(Stored { fresh: false, conversation, user_message, assistant })
         }
     }
-    let result = create_and_start(state, &req, &ids).await;
-    if let (Err(_), Some(key)) = (&result, &req.idempotency_key) {
-        // Nothing was stored under the key's ids: let a retry try afresh.
-        if state.store.message(&ids.conversation_id, &ids.user_message_id).await.ok().flatten().is_none() {
-            let _ = state.store.release_idempotency_key(&req.user_id, key).await;
-        }
-    }
-    result
 }
 
-fn request_hash(req: &SendRequest, conversation_id: &str) -> String {
-    let target = match req.target {
-        Target::Existing(_) => conversation_id,
+fn request_hash(req: &SendRequest) -> String {
+    let target = match &req.target {
+        Target::Existing(c) => c.id.as_str(),
         Target::New => "new",
     };
     let model = req.model.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -206,97 +309,17 @@ pub fn send_hash(target: &str, model: &str, content: &str) -> String {
     hex::encode(digest)
 }
 
-/// A retried send: the original's messages, once they exist. The original
-/// request inserts them right after claiming the key, so this waits briefly.
-async fn attach_to_original(state: &Arc<AppState>, original: IdempotentSend) -> Result<Sent, ApiError> {
-    for _ in 0..100 {
-        let user = state.store.message(&original.conversation_id, &original.user_message_id).await?;
-        let assistant = state.store.message(&original.conversation_id, &original.assistant_message_id).await?;
-        if let (Some(user_message), Some(assistant_message)) = (user, assistant) {
-            return Ok(Sent {
-                conversation_id: original.conversation_id,
-                fresh: false,
-                user_message,
-                assistant_message,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(ApiError::conflict(
-        "request_in_progress",
-        "The original request with this Idempotency-Key has not stored its message yet; retry shortly.",
-    ))
-}
-
-async fn create_and_start(state: &Arc<AppState>, req: &SendRequest, ids: &IdempotentSend) -> Result<Sent, ApiError> {
-    let now = state.clock.now_ms();
-    let conversation = match &req.target {
-        Target::Existing(c) => c.clone(),
-        Target::New => {
-            let record = ConversationRecord {
-                id: ids.conversation_id.clone(),
-                user_id: req.user_id.clone(),
-                title: None,
-                system_prompt: None,
-                model: req.model.as_ref().map(ToString::to_string),
-                message_count: 0,
-                last_message_at: None,
-                created_at: now,
-                updated_at: now,
-            };
-            state.store.insert_conversation(&record).await?;
-            record
-        }
-    };
-    let model = match req.model.clone().or_else(|| conversation.model.as_deref().and_then(|m| ModelId::parse(m).ok())) {
-        Some(m) if state.providers.validate_model(&m.to_string()).is_ok() => m,
-        _ => state.providers.default_model().clone(),
-    };
-    let title = conversation.title.is_none().then(|| Title::derive_from(req.content.as_str()).into_inner());
-    let user_message = state
-        .store
-        .insert_message(
-            NewMessage {
-                id: &ids.user_message_id,
-                conversation_id: &conversation.id,
-                role: MessageRole::User,
-                content: req.content.as_str(),
-                status: MessageStatus::Complete,
-                model: None,
-                now,
-            },
-            title.as_deref(),
-        )
-        .await?;
-    let context = build_context(state, &conversation, &model).await?;
-    let model_name = model.to_string();
-    let assistant_message = state
-        .store
-        .insert_message(
-            NewMessage {
-                id: &ids.assistant_message_id,
-                conversation_id: &conversation.id,
-                role: MessageRole::Assistant,
-                content: "",
-                status: MessageStatus::Streaming,
-                model: Some(&model_name),
-                now: state.clock.now_ms(),
-            },
-            None,
-        )
-        .await?;
-    start_generation(state, &assistant_message, &req.user_id, model, context);
-    Ok(Sent { conversation_id: conversation.id, fresh: true, user_message, assistant_message })
-}
-
-/// The system prompt and as much recent history as fits the model's window.
-/// Failed, cancelled and empty assistant messages are not shown to the model.
+/// The system prompt and as much history up to the message being answered
+/// (`upto_seq`) as fits the model's window; messages stored after it, by
+/// sends running beside this one, are not its history. Failed, cancelled,
+/// unfinished and empty assistant messages are not shown to the model.
 async fn build_context(
     state: &AppState,
     conversation: &ConversationRecord,
     model: &ModelId,
+    upto_seq: i64,
 ) -> Result<Vec<ChatMessage>, StoreError> {
-    let (messages, _) = state.store.list_messages(&conversation.id, None, HISTORY_SCAN).await?;
+    let messages = state.store.messages_upto(&conversation.id, upto_seq, HISTORY_SCAN).await?;
     let history: Vec<ChatMessage> = messages
         .into_iter()
         .filter(|m| m.role == MessageRole::User || (m.status == MessageStatus::Complete && !m.content.is_empty()))
@@ -321,7 +344,8 @@ fn start_generation(
     placeholder: &MessageRecord,
     user_id: &str,
     model: ModelId,
-    context: Vec<ChatMessage>,
+    conversation: ConversationRecord,
+    upto_seq: i64,
 ) {
     let (events, _) = broadcast::channel(FOLLOWER_BUFFER);
     let live = Arc::new(LiveReply {
@@ -336,7 +360,15 @@ fn start_generation(
     let state = state.clone();
     let base = placeholder.clone();
     state.clone().replies.tasks.spawn(async move {
-        let (outcome, answered_by) = generate(&state, &live, &model, context).await;
+        let heartbeat = tokio::spawn(keep_alive(state.clone(), live.clone()));
+        let (outcome, answered_by) = match build_context(&state, &conversation, &model, upto_seq).await {
+            Ok(context) => generate(&state, &live, &model, context).await,
+            Err(e) => (
+                Outcome::Failed { code: "context_unavailable", error: format!("the history could not be read: {e}") },
+                model,
+            ),
+        };
+        heartbeat.abort();
         let message = finalize(&state, &live, base, &answered_by, outcome).await;
         live.finish(Arc::new(message));
         state.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
@@ -346,33 +378,29 @@ fn start_generation(
 enum Outcome {
     Complete(Option<Usage>),
     Cancelled,
-    Failed(ProviderError),
+    Failed { code: &'static str, error: String },
 }
 
-/// Runs the provider stream into the live reply, saving the partial text
-/// every flush interval. The save is also this generator's heartbeat (kept
-/// up while the provider is still thinking) and how a cancel asked on
-/// another instance arrives. Timeouts, retries and fallback models are the
-/// provider layer's; this answers which model replied.
+impl Outcome {
+    fn failed(e: &ProviderError) -> Self {
+        Outcome::Failed { code: provider_error_code(e), error: e.to_string() }
+    }
+}
+
+/// Runs the provider stream into the live reply. Timeouts, retries and
+/// fallback models are the provider layer's; this answers which model replied.
 async fn generate(
     state: &AppState,
     live: &LiveReply,
     model: &ModelId,
     context: Vec<ChatMessage>,
 ) -> (Outcome, ModelId) {
-    let mut flush = tokio::time::interval(Duration::from_millis(state.settings.stream_flush_ms.max(10)));
-    flush.tick().await;
-    let start = state.providers.stream(model, context);
-    tokio::pin!(start);
-    let stream = loop {
-        tokio::select! {
-            _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
-            _ = flush.tick() => if heartbeat(state, live).await { return (Outcome::Cancelled, model.clone()) },
-            started = &mut start => match started {
-                Err(e) => return (Outcome::Failed(e), model.clone()),
-                Ok(s) => break s,
-            },
-        }
+    let stream = tokio::select! {
+        _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
+        started = state.providers.stream(model, context) => match started {
+            Err(e) => return (Outcome::failed(&e), model.clone()),
+            Ok(s) => s,
+        },
     };
     let answered_by = stream.model().clone();
     tokio::pin!(stream);
@@ -380,10 +408,9 @@ async fn generate(
     let outcome = loop {
         tokio::select! {
             _ = live.cancel.cancelled() => break Outcome::Cancelled,
-            _ = flush.tick() => if heartbeat(state, live).await { break Outcome::Cancelled },
             next = stream.next() => match next {
                 None => break Outcome::Complete(usage),
-                Some(Err(e)) => break Outcome::Failed(e),
+                Some(Err(e)) => break Outcome::failed(&e),
                 Some(Ok(ChatEvent::Delta(d))) => {
                     if !d.is_empty() {
                         live.push(&d);
@@ -396,19 +423,32 @@ async fn generate(
     (outcome, answered_by)
 }
 
-/// Saves the partial text; true when a cancel was asked for elsewhere.
-async fn heartbeat(state: &AppState, live: &LiveReply) -> bool {
-    match state.store.save_partial(&live.message_id, &live.text(), state.clock.now_ms()).await {
-        Ok(cancel) => cancel,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not save a reply's partial text");
-            false
+/// Saves the partial text every flush interval while the reply runs: the
+/// most a crash can lose, this generator's heartbeat (kept up while the
+/// provider is still thinking), and how a cancel asked on another instance
+/// arrives. It runs beside the generator, so a slow database never holds
+/// up the text.
+async fn keep_alive(state: Arc<AppState>, live: Arc<LiveReply>) {
+    let mut flush = tokio::time::interval(Duration::from_millis(state.settings.stream_flush_ms.max(10)));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush.tick().await;
+    loop {
+        flush.tick().await;
+        match state.store.save_partial(&live.message_id, &live.text(), state.clock.now_ms()).await {
+            Ok(true) => live.cancel(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not save a reply's partial text"),
         }
     }
 }
 
-/// Writes the reply's final state; retried a few times because a reply that
-/// stays `streaming` would later be reported as interrupted.
+/// The longest pause between two tries of a reply's final write.
+const MAX_FINAL_WRITE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Writes the reply's final state. Followers are told the reply finished
+/// only once it is stored, so the write is retried, with backoff, until the
+/// database takes it or the process stops: a reply that stayed `streaming`
+/// would later be reported as interrupted although it completed.
 async fn finalize(
     state: &AppState,
     live: &LiveReply,
@@ -425,26 +465,26 @@ async fn finalize(
                 completion_tokens: crate::domain::context::estimate_tokens(&message.content) as i64,
                 estimated: true,
             });
-            let now = state.clock.now_ms();
-            if let Err(e) =
-                state.store.add_usage(&live.user_id, now, usage.prompt_tokens, usage.completion_tokens).await
-            {
-                tracing::warn!(error = %e, "could not add to the user's usage totals");
-            }
+            state
+                .replies
+                .usage
+                .add(&state.store, &live.user_id, state.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens)
+                .await;
             message.status = MessageStatus::Complete;
             message.prompt_tokens = Some(usage.prompt_tokens);
             message.completion_tokens = Some(usage.completion_tokens);
             message.usage_estimated = usage.estimated;
         }
         Outcome::Cancelled => message.status = MessageStatus::Cancelled,
-        Outcome::Failed(e) => {
+        Outcome::Failed { code, error } => {
             message.status = MessageStatus::Failed;
-            message.error_code = Some(provider_error_code(&e).to_owned());
-            message.error = Some(e.to_string());
+            message.error_code = Some(code.to_owned());
+            message.error = Some(error);
         }
     }
     message.model = Some(model.to_string());
-    for attempt in 0..5u64 {
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1u64.. {
         let update = MessageUpdate {
             content: &message.content,
             status: message.status,
@@ -457,10 +497,16 @@ async fn finalize(
             now: state.clock.now_ms(),
         };
         match state.store.finish_message(&message.id, update).await {
-            Ok(()) => break,
+            Ok(()) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "stored a finished reply after the database came back");
+                }
+                break;
+            }
             Err(e) => {
-                tracing::error!(error = %e, attempt, "could not store a finished reply");
-                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                tracing::error!(error = %e, attempt, "could not store a finished reply; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_FINAL_WRITE_BACKOFF);
             }
         }
     }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::{
     bus::{BusEvent, SupportBus},
     limits::{Limiter, SharedCounters},
-    replies::{self, ReplyEvent, SendRequest, Target},
+    replies::{self, ReplyEvent, SendRequest, StoreSend, Target},
 };
 use crate::{
     auth::{hash_token, random_token},
@@ -21,10 +21,7 @@ use crate::{
         support::{ClientInfo, HandoffPhrases, SupportStatus, estimated_wait_seconds},
     },
     http::{AppState, error::ApiError},
-    store::{
-        ConversationRecord, IdempotencyClaim, IdempotentSend, MessageRecord, NewMessage, SUPPORT_USER_ID,
-        SupportSessionRecord,
-    },
+    store::{ConversationRecord, MessageRecord, NewMessage, SUPPORT_USER_ID, SupportSessionRecord},
 };
 
 pub struct SupportDesk {
@@ -213,24 +210,37 @@ pub async fn client_send(
     let key = idempotency_key.map(|k| format!("support:{}:{k}", s.id));
     let wants_human = s.status == SupportStatus::Ai && state.support.phrases.asks_for_human(content.as_str());
     if s.status != SupportStatus::Ai || wants_human {
-        let id = uuid::Uuid::now_v7().to_string();
-        if let Some(key) = &key
-            && let Some(original) = keyed_original(state, s, key, &id, content.as_str()).await?
-        {
-            return Ok(original);
+        // Nobody answers this one: stored (idempotently) like any send, without a reply.
+        let target = Target::Existing(support_conversation(state, s).await?);
+        let stored = replies::store_send(
+            state,
+            StoreSend {
+                owner: SUPPORT_USER_ID,
+                target: &target,
+                content: content.as_str(),
+                request_hash: replies::send_hash(&s.conversation_id, "", content.as_str()),
+                idempotency_key: key.as_deref(),
+                answer_with: None,
+                requested_model: None,
+            },
+        )
+        .await?;
+        if !stored.fresh {
+            let reply = match stored.assistant {
+                Some(m) if m.status == MessageStatus::Streaming => {
+                    replies::finished(state.clone(), m).await.map(|m| m.as_ref().clone())
+                }
+                other => other,
+            };
+            return Ok(ClientSend { message: stored.user_message, reply });
         }
-        let message = insert(state, s, &id, MessageRole::User, content.as_str()).await?;
-        record(state, s, "message", message_json(&s.id, &message)).await?;
+        record(state, s, "message", message_json(&s.id, &stored.user_message)).await?;
         if wants_human {
             handoff(state, s).await?;
         }
-        return Ok(ClientSend { message, reply: None });
+        return Ok(ClientSend { message: stored.user_message, reply: None });
     }
-    let conversation = state
-        .store
-        .conversation(&s.conversation_id, SUPPORT_USER_ID)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("support conversation missing")))?;
+    let conversation = support_conversation(state, s).await?;
     let sent = replies::send(
         state,
         SendRequest {
@@ -285,46 +295,12 @@ async fn forward_reply(
     None
 }
 
-/// Claims an idempotency key for a message the AI will not answer; answers
-/// the original result when the key was used before.
-async fn keyed_original(
-    state: &Arc<AppState>,
-    s: &SupportSessionRecord,
-    key: &str,
-    message_id: &str,
-    content: &str,
-) -> Result<Option<ClientSend>, ApiError> {
-    let ids = IdempotentSend {
-        request_hash: replies::send_hash(&s.conversation_id, "", content),
-        conversation_id: s.conversation_id.clone(),
-        user_message_id: message_id.to_owned(),
-        assistant_message_id: String::new(),
-    };
-    let IdempotencyClaim::Existing(original) =
-        state.store.claim_idempotency_key(SUPPORT_USER_ID, key, &ids, state.clock.now_ms()).await?
-    else {
-        return Ok(None);
-    };
-    if original.request_hash != ids.request_hash {
-        return Err(ApiError::invalid_field(
-            "idempotency_key_reused",
-            "Idempotency-Key",
-            "was already used for a different request",
-        ));
-    }
-    for _ in 0..100 {
-        if let Some(message) = state.store.message(&s.conversation_id, &original.user_message_id).await? {
-            let reply = match state.store.message(&s.conversation_id, &original.assistant_message_id).await? {
-                Some(m) if m.status == MessageStatus::Streaming => {
-                    replies::finished(state.clone(), m).await.map(|m| m.as_ref().clone())
-                }
-                other => other,
-            };
-            return Ok(Some(ClientSend { message, reply }));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    Err(ApiError::conflict("request_in_progress", "The original request with this Idempotency-Key is still running."))
+async fn support_conversation(state: &AppState, s: &SupportSessionRecord) -> Result<ConversationRecord, ApiError> {
+    state
+        .store
+        .conversation(&s.conversation_id, SUPPORT_USER_ID)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("support conversation missing")))
 }
 
 async fn insert(
@@ -343,7 +319,7 @@ async fn insert(
         model: None,
         now: state.clock.now_ms(),
     };
-    Ok(state.store.insert_message(message, None).await?)
+    Ok(state.store.insert_message(message).await?)
 }
 
 /// `ai` → `queued`. Asking again while queued or with a human changes nothing.

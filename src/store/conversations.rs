@@ -3,7 +3,7 @@
 
 use sqlx::{AssertSqlSafe, any::AnyRow};
 
-use super::{Store, StoreResult, get, map_err, parse_col};
+use super::{IdempotentSend, Store, StoreError, StoreResult, get, idempotency, map_err, parse_col};
 use crate::domain::conversation::{MessageRole, MessageStatus};
 
 #[derive(Debug, Clone)]
@@ -58,6 +58,8 @@ pub struct MessageRecord {
     /// Machine-readable reason of a failure (`provider_timeout`, …).
     pub error_code: Option<String>,
     pub created_at: i64,
+    /// Place in its conversation: the order messages were stored in.
+    pub seq: i64,
 }
 
 impl MessageRecord {
@@ -75,6 +77,7 @@ impl MessageRecord {
             error: get(row, "error")?,
             error_code: get(row, "error_code")?,
             created_at: get(row, "created_at")?,
+            seq: get(row, "seq")?,
         })
     }
 }
@@ -116,24 +119,36 @@ const CANCEL_REQUESTED: &str = "cancel_requested";
 const CONVERSATION_COLUMNS: &str =
     "id, user_id, title, system_prompt, model, message_count, last_message_at, created_at, updated_at";
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, status, model, prompt_tokens, \
-     completion_tokens, usage_estimated, error, error_code, created_at";
+     completion_tokens, usage_estimated, error, error_code, created_at, seq";
+
+/// What one send stores, in one transaction: its idempotency key (if any),
+/// the conversation when it is new, the user's message and, when an answer
+/// will be generated, the assistant's placeholder right after it.
+pub struct Exchange<'a> {
+    /// `(owner, key, the ids and request hash to remember)`.
+    pub idempotency: Option<(&'a str, &'a str, &'a IdempotentSend)>,
+    pub new_conversation: Option<&'a ConversationRecord>,
+    pub user_message: NewMessage<'a>,
+    pub assistant: Option<NewMessage<'a>>,
+    /// An untitled conversation takes this title.
+    pub title_if_none: Option<&'a str>,
+}
+
+pub enum ExchangeOutcome {
+    Stored {
+        user_message: Box<MessageRecord>,
+        assistant: Option<Box<MessageRecord>>,
+    },
+    /// The key was used before: nothing was stored; the original's ids.
+    Existing(IdempotentSend),
+    /// The conversation does not exist (any more).
+    NoConversation,
+}
 
 impl Store {
     pub async fn insert_conversation(&self, c: &ConversationRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
-        )
-        .bind(&c.id)
-        .bind(&c.user_id)
-        .bind(&c.title)
-        .bind(&c.system_prompt)
-        .bind(&c.model)
-        .bind(c.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        insert_conversation(&mut conn, c).await
     }
 
     pub async fn conversation(&self, id: &str, user_id: &str) -> StoreResult<Option<ConversationRecord>> {
@@ -178,7 +193,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT c.id, c.title, c.updated_at, \
                (SELECT m.content FROM messages m WHERE m.conversation_id = c.id \
-                ORDER BY m.created_at DESC, m.id DESC LIMIT 1) AS last_message \
+                ORDER BY m.seq DESC LIMIT 1) AS last_message \
              FROM conversations c WHERE c.user_id = $1 ORDER BY c.updated_at DESC, c.id DESC LIMIT $2 OFFSET $3",
         )
         .bind(user_id)
@@ -246,49 +261,60 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Stores a message and bumps its conversation's counters in one
-    /// transaction; an untitled conversation takes `title_if_none`.
-    pub async fn insert_message(&self, m: NewMessage<'_>, title_if_none: Option<&str>) -> StoreResult<MessageRecord> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        sqlx::query(
-            "INSERT INTO messages (id, conversation_id, role, content, status, model, usage_estimated, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7)",
+    /// Stores one message (a support agent's, say) at the end of its conversation.
+    pub async fn insert_message(&self, m: NewMessage<'_>) -> StoreResult<MessageRecord> {
+        let exchange = Exchange {
+            idempotency: None,
+            new_conversation: None,
+            user_message: m,
+            assistant: None,
+            title_if_none: None,
+        };
+        match self.insert_exchange(exchange).await? {
+            ExchangeOutcome::Stored { user_message, .. } => Ok(*user_message),
+            ExchangeOutcome::NoConversation | ExchangeOutcome::Existing(_) => {
+                Err(StoreError::Sqlx(sqlx::Error::RowNotFound))
+            }
+        }
+    }
+
+    /// Stores a send atomically. The idempotency key is claimed in the same
+    /// transaction as the messages it names, so a key that exists always has
+    /// its messages (until their conversation is deleted): a retry never
+    /// waits for an original that is still writing or that died.
+    pub async fn insert_exchange(&self, e: Exchange<'_>) -> StoreResult<ExchangeOutcome> {
+        let mut tx = self.begin_write().await?;
+        if let Some((owner, key, send)) = e.idempotency
+            && let Some(existing) = idempotency::claim(&mut tx, owner, key, send, e.user_message.now).await?
+        {
+            return Ok(ExchangeOutcome::Existing(existing));
+        }
+        if let Some(c) = e.new_conversation {
+            insert_conversation(&mut tx, c).await?;
+        }
+        let count = 1 + i64::from(e.assistant.is_some());
+        let last = e.assistant.as_ref().map_or(e.user_message.now, |a| a.now);
+        // The conversation's row hands out the sequence numbers: writers of
+        // one conversation queue on it, and the order of commits is the order.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET last_seq = last_seq + $1, message_count = message_count + $1, \
+             last_message_at = $2, updated_at = $2, title = COALESCE(title, $3) WHERE id = $4 RETURNING last_seq",
         )
-        .bind(m.id)
-        .bind(m.conversation_id)
-        .bind(m.role.as_str())
-        .bind(m.content)
-        .bind(m.status.as_str())
-        .bind(m.model)
-        .bind(m.now)
-        .execute(&mut *tx)
+        .bind(count)
+        .bind(last)
+        .bind(e.title_if_none)
+        .bind(e.user_message.conversation_id)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(map_err)?;
-        sqlx::query(
-            "UPDATE conversations SET message_count = message_count + 1, last_message_at = $1, updated_at = $1, \
-             title = COALESCE(title, $2) WHERE id = $3",
-        )
-        .bind(m.now)
-        .bind(title_if_none)
-        .bind(m.conversation_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        let Some(last_seq) = seq else { return Ok(ExchangeOutcome::NoConversation) };
+        let user_message = Box::new(insert_one(&mut tx, &e.user_message, last_seq - count + 1).await?);
+        let assistant = match &e.assistant {
+            Some(a) => Some(Box::new(insert_one(&mut tx, a, last_seq).await?)),
+            None => None,
+        };
         tx.commit().await.map_err(map_err)?;
-        Ok(MessageRecord {
-            id: m.id.to_owned(),
-            conversation_id: m.conversation_id.to_owned(),
-            role: m.role,
-            content: m.content.to_owned(),
-            status: m.status,
-            model: m.model.map(str::to_owned),
-            prompt_tokens: None,
-            completion_tokens: None,
-            usage_estimated: false,
-            error: None,
-            error_code: None,
-            created_at: m.now,
-        })
+        Ok(ExchangeOutcome::Stored { user_message, assistant })
     }
 
     /// Writes an assistant message's final text, status and usage.
@@ -383,22 +409,19 @@ impl Store {
         let rows = match before {
             Some(b) => {
                 let sql = format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 \
-                     AND (created_at < $2 OR (created_at = $2 AND id < $3)) \
-                     ORDER BY created_at DESC, id DESC LIMIT $4"
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq < $2 \
+                     ORDER BY seq DESC LIMIT $3"
                 );
                 sqlx::query(AssertSqlSafe(sql))
                     .bind(conversation_id)
-                    .bind(b.created_at)
-                    .bind(&b.id)
+                    .bind(b.seq)
                     .bind(limit + 1)
                     .fetch_all(&self.pool)
                     .await
             }
             None => {
                 let sql = format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 \
-                     ORDER BY created_at DESC, id DESC LIMIT $2"
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 ORDER BY seq DESC LIMIT $2"
                 );
                 sqlx::query(AssertSqlSafe(sql)).bind(conversation_id).bind(limit + 1).fetch_all(&self.pool).await
             }
@@ -410,4 +433,81 @@ impl Store {
         items.reverse();
         Ok((items, has_more))
     }
+
+    /// Up to `limit` messages of a conversation up to and including the one
+    /// at `upto_seq`, oldest first: the history a reply to it may see.
+    pub async fn messages_upto(
+        &self,
+        conversation_id: &str,
+        upto_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(conversation_id)
+            .bind(upto_seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let mut items = rows.iter().map(MessageRecord::from_row).collect::<Result<Vec<_>, _>>().map_err(map_err)?;
+        items.reverse();
+        Ok(items)
+    }
+}
+
+async fn insert_conversation(conn: &mut sqlx::AnyConnection, c: &ConversationRecord) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
+    )
+    .bind(&c.id)
+    .bind(&c.user_id)
+    .bind(&c.title)
+    .bind(&c.system_prompt)
+    .bind(&c.model)
+    .bind(c.created_at)
+    .execute(conn)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_one(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    m: &NewMessage<'_>,
+    seq: i64,
+) -> StoreResult<MessageRecord> {
+    sqlx::query(
+        "INSERT INTO messages (id, conversation_id, role, content, status, model, usage_estimated, created_at, \
+         updated_at, seq) VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7, $8)",
+    )
+    .bind(m.id)
+    .bind(m.conversation_id)
+    .bind(m.role.as_str())
+    .bind(m.content)
+    .bind(m.status.as_str())
+    .bind(m.model)
+    .bind(m.now)
+    .bind(seq)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(MessageRecord {
+        id: m.id.to_owned(),
+        conversation_id: m.conversation_id.to_owned(),
+        role: m.role,
+        content: m.content.to_owned(),
+        status: m.status,
+        model: m.model.map(str::to_owned),
+        prompt_tokens: None,
+        completion_tokens: None,
+        usage_estimated: false,
+        error: None,
+        error_code: None,
+        created_at: m.now,
+        seq,
+    })
 }

@@ -1,5 +1,7 @@
-//! Idempotency keys: claimed atomically (`INSERT … ON CONFLICT DO NOTHING`),
-//! so of two identical requests arriving together exactly one proceeds.
+//! Idempotency keys: claimed atomically (`INSERT … ON CONFLICT DO NOTHING`)
+//! in the transaction that stores the send's messages, so of two identical
+//! requests arriving together exactly one proceeds, and a claimed key always
+//! names messages that exist.
 
 use super::{Store, StoreResult, get, map_err};
 
@@ -12,84 +14,67 @@ pub struct IdempotentSend {
     pub assistant_message_id: String,
 }
 
-#[derive(Debug)]
-pub enum IdempotencyClaim {
-    /// This request owns the key and must create the messages.
-    Claimed,
-    /// An earlier request with this key exists (maybe still running).
-    Existing(IdempotentSend),
-}
-
 /// Keys are honoured for 24 hours.
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 
+/// Claims `key` for `owner` inside a send's transaction: `None` when this
+/// request now owns it, else the ids the earlier request stored. A key past
+/// its lifetime is taken over.
+pub(super) async fn claim(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    owner: &str,
+    key: &str,
+    send: &IdempotentSend,
+    now: i64,
+) -> StoreResult<Option<IdempotentSend>> {
+    sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND created_at < $3")
+        .bind(owner)
+        .bind(key)
+        .bind(now - IDEMPOTENCY_TTL_MS)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, conversation_id, user_message_id, \
+         assistant_message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (user_id, idem_key) DO NOTHING",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(&send.request_hash)
+    .bind(&send.conversation_id)
+    .bind(&send.user_message_id)
+    .bind(&send.assistant_message_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT request_hash, conversation_id, user_message_id, assistant_message_id FROM idempotency_keys \
+         WHERE user_id = $1 AND idem_key = $2",
+    )
+    .bind(owner)
+    .bind(key)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    let existing = (|| -> Result<IdempotentSend, sqlx::Error> {
+        Ok(IdempotentSend {
+            request_hash: get(&row, "request_hash")?,
+            conversation_id: get(&row, "conversation_id")?,
+            user_message_id: get(&row, "user_message_id")?,
+            assistant_message_id: get(&row, "assistant_message_id")?,
+        })
+    })()
+    .map_err(map_err)?;
+    Ok(Some(existing))
+}
+
 impl Store {
-    pub async fn claim_idempotency_key(
-        &self,
-        user_id: &str,
-        key: &str,
-        send: &IdempotentSend,
-        now: i64,
-    ) -> StoreResult<IdempotencyClaim> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND created_at < $3")
-            .bind(user_id)
-            .bind(key)
-            .bind(now - IDEMPOTENCY_TTL_MS)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, conversation_id, user_message_id, \
-             assistant_message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (user_id, idem_key) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(key)
-        .bind(&send.request_hash)
-        .bind(&send.conversation_id)
-        .bind(&send.user_message_id)
-        .bind(&send.assistant_message_id)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(map_err)?
-        .rows_affected();
-        if inserted == 1 {
-            return Ok(IdempotencyClaim::Claimed);
-        }
-        let row = sqlx::query(
-            "SELECT request_hash, conversation_id, user_message_id, assistant_message_id FROM idempotency_keys \
-             WHERE user_id = $1 AND idem_key = $2",
-        )
-        .bind(user_id)
-        .bind(key)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
-        let existing = (|| -> Result<IdempotentSend, sqlx::Error> {
-            Ok(IdempotentSend {
-                request_hash: get(&row, "request_hash")?,
-                conversation_id: get(&row, "conversation_id")?,
-                user_message_id: get(&row, "user_message_id")?,
-                assistant_message_id: get(&row, "assistant_message_id")?,
-            })
-        })()
-        .map_err(map_err)?;
-        Ok(IdempotencyClaim::Existing(existing))
-    }
-
-    /// Forgets a claim whose request failed before it stored anything, so a
-    /// retry can proceed.
-    pub async fn release_idempotency_key(&self, user_id: &str, key: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2")
-            .bind(user_id)
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
-    }
-
     /// Drops keys past their lifetime.
     pub async fn purge_idempotency_keys(&self, now: i64) -> StoreResult<u64> {
         let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")

@@ -18,8 +18,11 @@ use sqlx::{
     any::{AnyPoolOptions, AnyRow},
 };
 
-pub use conversations::{ConversationPatch, ConversationRecord, HistoryItem, MessageRecord, MessageUpdate, NewMessage};
-pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotencyClaim, IdempotentSend};
+pub use conversations::{
+    ConversationPatch, ConversationRecord, Exchange, ExchangeOutcome, HistoryItem, MessageRecord, MessageUpdate,
+    NewMessage,
+};
+pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};
 pub use support::{SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};
 pub use usage::{UsagePeriod, UsageTotals};
@@ -63,6 +66,9 @@ fn map_err(e: sqlx::Error) -> StoreError {
     StoreError::classify(e, &[])
 }
 
+/// How long a query waits for a connection unless configured otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Sqlite,
@@ -90,6 +96,12 @@ pub struct Store {
 impl Store {
     /// Connects to `url`, creating the SQLite file (and its folder) if needed.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
+    }
+
+    /// `connect`, with `timeout` as the longest a query waits for a
+    /// connection (and, on SQLite, for the write lock) before it fails.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
         let engine = Engine::of_url(url)
             .ok_or_else(|| anyhow::anyhow!("DATABASE_URL must start with sqlite:// or postgres://"))?;
@@ -103,7 +115,7 @@ impl Store {
                 Engine::Postgres => 20,
             })
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if engine == Engine::Sqlite {
@@ -111,11 +123,12 @@ impl Store {
                         // still survives a killed process (only power loss
                         // can drop the last commits); the busy timeout turns
                         // writer contention into waiting instead of errors.
-                        conn.execute(
+                        let pragmas = format!(
                             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
-                        )
-                        .await?;
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+                            timeout.as_millis()
+                        );
+                        conn.execute(sqlx::AssertSqlSafe(pragmas)).await?;
                     }
                     Ok(())
                 })
@@ -147,6 +160,18 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// A transaction that will write. On SQLite it takes the write lock up
+    /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads first
+    /// and writes later cannot wait for a concurrent writer and fails with
+    /// "database is locked" instead.
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.engine {
+            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Engine::Postgres => self.pool.begin().await,
+        }
+        .map_err(map_err)
     }
 }
 

@@ -80,7 +80,7 @@ const TOUCH_INTERVAL_MS: i64 = 60_000;
 impl Store {
     /// Creates a login session with its first refresh token, atomically.
     pub async fn create_login_session(&self, s: NewLoginSession<'_>) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO login_sessions (id, user_id, cookie_hash, user_agent, created_at, last_used_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $5, $6)",
@@ -146,7 +146,7 @@ impl Store {
     /// that was already used revokes its whole session (the token leaked, or
     /// a thief raced the owner).
     pub async fn rotate_refresh_token(&self, old_hash: &str, new_hash: &str, now: i64) -> StoreResult<RefreshOutcome> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT session_id, used_at, expires_at FROM refresh_tokens WHERE token_hash = $1")
             .bind(old_hash)
             .fetch_optional(&mut *tx)
@@ -179,18 +179,26 @@ impl Store {
         if expires_at <= now {
             return Ok(RefreshOutcome::Invalid);
         }
-        let session_expires: i64 = sqlx::query_scalar("SELECT expires_at FROM login_sessions WHERE id = $1")
-            .bind(&session_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        // Read in the transaction: whoever claimed the token answers for
+        // the session as it was, even if a concurrent reuse revokes it next.
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS}, {USER_COLUMNS} FROM login_sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(&session_id).fetch_one(&mut *tx).await.map_err(map_err)?;
+        let auth = (|| -> Result<SessionAuth, sqlx::Error> {
+            Ok(SessionAuth { session: LoginSessionRecord::from_row(&row)?, user: UserRecord::from_row(&row)? })
+        })()
+        .map_err(map_err)?;
+        if !auth.is_valid(now) {
+            return Ok(RefreshOutcome::Invalid);
+        }
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(new_hash)
         .bind(&session_id)
         .bind(now)
-        .bind(session_expires)
+        .bind(auth.session.expires_at)
         .execute(&mut *tx)
         .await
         .map_err(map_err)?;
@@ -201,11 +209,7 @@ impl Store {
             .await
             .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
-
-        match self.session_auth_by_id(&session_id).await? {
-            Some(auth) if auth.is_valid(now) => Ok(RefreshOutcome::Rotated(Box::new(auth))),
-            _ => Ok(RefreshOutcome::Invalid),
-        }
+        Ok(RefreshOutcome::Rotated(Box::new(auth)))
     }
 
     /// Revokes one session of `user_id`; false when there is no such live session.

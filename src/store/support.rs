@@ -67,7 +67,7 @@ impl Store {
         conversation: &ConversationRecord,
         token_hash: &str,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",

@@ -30,6 +30,8 @@ db_tests!(
     models_lists_the_configured_models_with_one_default,
     the_offline_model_can_be_chosen_next_to_a_real_provider,
     without_a_provider_the_offline_model_answers_deterministically,
+    concurrent_sends_to_one_conversation_each_get_their_own_answer,
+    a_stream_that_stalls_after_some_text_times_out_with_the_attempt,
 );
 
 fn usage() -> Value {
@@ -497,4 +499,69 @@ async fn without_a_provider_the_offline_model_answers_deterministically(mut app:
         .await
         .assert_invalid_with("unknown_model", "model");
     assert_eq!(app.provider.request_count(), 0);
+}
+
+/// Hardening #8.1: sends racing into one conversation. Each reply's context
+/// ends at the message it answers, and the stored order of turns is the
+/// order every context saw them in.
+async fn concurrent_sends_to_one_conversation_each_get_their_own_answer(app: TestApp) {
+    let user = app.signup().await;
+    let id = app.new_conversation(&user).await;
+    for round in 0..3 {
+        let sends = (0..5).map(|i| {
+            let (app, user, id) = (&app, &user, &id);
+            async move {
+                let question = format!("question {round}.{i}");
+                let body = app.say(user, id, &question).await;
+                (question, body)
+            }
+        });
+        for (question, body) in futures::future::join_all(sends).await {
+            assert_eq!(body["user_message"]["content"], question.as_str());
+            assert_eq!(body["assistant_message"]["content"], echo_of(&question), "the reply to {question:?}");
+        }
+    }
+    let stored = app.messages(&user, &id, "?limit=100").await;
+    let stored = turns(stored.items());
+    assert_eq!(stored.len(), 30);
+    // Every question is followed by its own answer.
+    for pair in stored.chunks(2) {
+        assert_eq!(pair[0].0, "user");
+        assert_eq!(pair[1], ("assistant".to_owned(), echo_of(&pair[0].1)), "stored order: {stored:?}");
+    }
+    // Each context is the stored history up to its own question, in the stored order.
+    for request in app.provider.requests() {
+        let seen: Vec<(String, String)> = request.messages();
+        let asked = seen.last().expect("a context").clone();
+        assert_eq!(asked.0, "user");
+        let at = stored.iter().position(|t| *t == asked).expect("the question is stored");
+        let before: Vec<&(String, String)> = stored[..=at].iter().filter(|t| seen.contains(t)).collect();
+        assert_eq!(before.len(), seen.len(), "the context {seen:?} holds only turns stored before {asked:?}");
+        assert!(before.iter().zip(&seen).all(|(a, b)| *a == b), "context order {seen:?} vs stored {stored:?}");
+    }
+}
+
+/// Hardening #8.5: PALAVER_PROVIDER_TIMEOUT bounds the whole attempt, not
+/// only the wait for its first token; the idle timeout is a second bound.
+async fn a_stream_that_stalls_after_some_text_times_out_with_the_attempt(mut app: TestApp) {
+    app.restart_with(|s| {
+        s.provider_timeout = 2;
+        s.provider_idle_timeout = 60;
+    })
+    .await;
+    let user = app.signup().await;
+    let id = app.new_conversation(&user).await;
+    app.provider.stream(
+        crate::mock_openai::Script::words(2, std::time::Duration::from_millis(50))
+            .ending(crate::mock_openai::StreamEnd::Hang),
+    );
+    let started = std::time::Instant::now();
+    let response = app.post_message(&user, &id, json!({ "content": "then silence" })).await;
+    response.assert_status(StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(response.body["code"], "provider_timeout");
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_secs(20), "answered after {waited:?}, not within the attempt's 2 s");
+    let reply = &response.body["assistant_message"];
+    assert_eq!(reply["status"], "failed");
+    assert!(reply["content"].as_str().unwrap().starts_with("wörd 0"), "the text so far is kept: {reply}");
 }

@@ -21,8 +21,10 @@ pub const DEFAULT_MODEL: &str = "openai/gpt-4o-mini";
 pub const PROVIDER_KEY: &str = "sk-test-fake-key";
 pub const SECRET_KEY: &str = "test-secret-key-that-is-long-enough-0123456789";
 pub const PASSWORD: &str = "correct horse battery staple";
-/// Seconds a provider attempt may take in tests (a hung mock answers 504).
+/// Seconds a provider may stay silent in tests (a hung mock answers 504).
 pub const PROVIDER_TIMEOUT_SECS: u64 = 2;
+/// Seconds a whole provider attempt may take in tests.
+pub const PROVIDER_ATTEMPT_SECS: u64 = 30;
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 // ---------------------------------------------------------------------------
@@ -305,7 +307,7 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     settings.openai_api_key = Some(Secret(PROVIDER_KEY.into()));
     settings.openai_base_url = provider.base_url.clone();
     settings.default_model = Some(DEFAULT_MODEL.into());
-    settings.provider_timeout = PROVIDER_TIMEOUT_SECS;
+    settings.provider_timeout = PROVIDER_ATTEMPT_SECS;
     settings.provider_idle_timeout = PROVIDER_TIMEOUT_SECS;
     settings.max_message_chars = 32_000;
     settings.shutdown_grace = 1;

@@ -21,6 +21,7 @@ db_tests!(
     a_key_reused_for_another_body_is_422,
     a_retry_of_a_failed_send_returns_the_failure_without_calling_again,
     keys_belong_to_their_user_and_expire_after_a_day,
+    a_key_whose_conversation_was_deleted_answers_at_once,
 );
 
 async fn post_keyed(app: &TestApp, user: &TestUser, conversation_id: &str, content: &str, key: &str) -> ApiResponse {
@@ -236,4 +237,32 @@ async fn keys_belong_to_their_user_and_expire_after_a_day(app: TestApp) {
     later.assert_status(StatusCode::CREATED);
     assert_ne!(later.body["user_message"]["id"], a.body["user_message"]["id"], "a key is honoured for 24 h only");
     assert_eq!(app.provider.request_count(), 3);
+}
+
+/// Hardening #8.4: a retry whose original's conversation is gone is told so
+/// at once instead of waiting for messages that will never appear.
+async fn a_key_whose_conversation_was_deleted_answers_at_once(app: TestApp) {
+    let user = app.signup().await;
+    let first = chat_keyed(&app, &user, json!({ "message": "start something" }), "gone-key").await;
+    first.assert_status(StatusCode::OK);
+    let conversation = first.str("conversation_id").to_owned();
+    app.delete(&format!("/api/conversations/{conversation}"))
+        .bearer_auth(&user.token)
+        .fetch()
+        .await
+        .assert_status(StatusCode::NO_CONTENT);
+
+    let started = std::time::Instant::now();
+    let retry = chat_keyed(&app, &user, json!({ "message": "start something" }), "gone-key").await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "the retry waited {:?}", started.elapsed());
+    retry.assert_status(StatusCode::NOT_FOUND);
+    let stream = app
+        .post("/api/chat/stream")
+        .bearer_auth(&user.token)
+        .header("Idempotency-Key", "gone-key")
+        .json(&json!({ "message": "start something" }))
+        .fetch()
+        .await;
+    stream.assert_status(StatusCode::NOT_FOUND);
+    assert_eq!(app.provider.request_count(), 1, "no second provider call");
 }

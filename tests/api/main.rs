@@ -18,6 +18,8 @@ mod crash;
 mod idempotency;
 mod login_protection;
 mod ops;
+mod outage;
+mod refresh_races;
 mod robustness;
 mod streaming;
 mod support;

@@ -68,28 +68,3 @@ pub async fn update_user(
         .ok_or(ApiError::NotFound)?;
     Ok(Json(AdminUserView::from(&user)))
 }
-
-/// `palaver admin create`: a new account with the admin role, validated like
-/// a registration.
-pub async fn create_admin(
-    state: &AppState,
-    email: &str,
-    username: Option<&str>,
-    password: String,
-) -> anyhow::Result<crate::store::UserRecord> {
-    use crate::domain::user::{Email, Password, Username};
-    let email = Email::parse(email).map_err(|e| anyhow::anyhow!("email {e}"))?;
-    let username = username.map(Username::parse).transpose().map_err(|e| anyhow::anyhow!("username {e}"))?;
-    let password = Password::parse(password).map_err(|e| anyhow::anyhow!("password {e}"))?;
-    let hash = state.hasher.hash(&password).await?;
-    super::auth::insert_user(state, Some(&email), username.as_ref(), None, &hash, Role::Admin)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e_detail(e)))
-}
-
-fn e_detail(e: ApiError) -> String {
-    match e {
-        ApiError::Conflict { detail, .. } => detail,
-        other => other.to_string(),
-    }
-}

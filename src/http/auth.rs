@@ -20,13 +20,14 @@ use super::{
     views::{ErrorBody, Items, UserView},
 };
 use crate::{
+    accounts,
     auth::{hash_token, random_token},
     clock::rfc3339,
     domain::{
         Validator,
         user::{DisplayName, Email, Password, Role, Username},
     },
-    store::{NewLoginSession, NewUser, RefreshOutcome, StoreError, UserRecord},
+    store::{NewLoginSession, RefreshOutcome, UserRecord},
 };
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -56,42 +57,9 @@ pub async fn register(
     let password = password.expect("validated above");
 
     let hash = state.hasher.hash(&password).await?;
-    let user = insert_user(&state, email.as_ref(), username.as_ref(), display_name, &hash, Role::User).await?;
+    let user =
+        accounts::insert_user(&state, email.as_ref(), username.as_ref(), display_name, &hash, Role::User).await?;
     Ok((StatusCode::CREATED, Json(UserView::from(&user))))
-}
-
-/// Stores a new account, turning unique violations into 409 answers.
-pub async fn insert_user(
-    state: &AppState,
-    email: Option<&Email>,
-    username: Option<&Username>,
-    display_name: Option<DisplayName>,
-    password_hash: &str,
-    role: Role,
-) -> ApiResult<UserRecord> {
-    let id = uuid::Uuid::new_v4().to_string();
-    let display_name = display_name.map(DisplayName::into_inner);
-    let now = state.clock.now_ms();
-    let new = NewUser {
-        id: &id,
-        email: email.map(Email::as_str),
-        username: username.map(Username::as_str),
-        display_name: display_name.as_deref(),
-        password_hash,
-        role,
-        now,
-    };
-    match state.store.insert_user(new).await {
-        Ok(()) => {}
-        Err(StoreError::Conflict("email")) => {
-            return Err(ApiError::conflict("email_taken", "An account with this email already exists."));
-        }
-        Err(StoreError::Conflict(_)) => {
-            return Err(ApiError::conflict("username_taken", "This username is taken."));
-        }
-        Err(e) => return Err(e.into()),
-    }
-    state.store.user_by_id(&id).await?.ok_or_else(|| anyhow::anyhow!("user vanished after insert").into())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -77,6 +77,7 @@ pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderM
         },
     )
     .await
+    .map_err(Into::into)
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -127,6 +127,22 @@ impl ApiError {
     }
 }
 
+/// The one mapping of the services' answers onto HTTP.
+impl From<crate::error::Error> for ApiError {
+    fn from(e: crate::error::Error) -> Self {
+        use crate::error::Error;
+        match e {
+            Error::NotFound => ApiError::NotFound,
+            Error::Unauthorized => ApiError::Unauthorized,
+            Error::Forbidden { code, detail } => ApiError::Forbidden { code, detail },
+            Error::Conflict { code, detail } => ApiError::Conflict { code, detail },
+            Error::Invalid { code, errors } => ApiError::Validation { code, errors },
+            Error::Store(e) => e.into(),
+            Error::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

@@ -17,11 +17,12 @@ pub mod users;
 pub mod views;
 pub mod ws;
 
+pub use crate::state::{AppState, LoginThrottle};
+
 use std::sync::Arc;
 
 use axum::{Router, extract::DefaultBodyLimit};
 use docs::SecurityAddon;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -29,63 +30,8 @@ use tower_http::{
 use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{
-    auth::{PasswordHasher, TokenKeys},
-    clock::Clock,
-    config::Settings,
-    providers::Providers,
-    store::Store,
-};
-
 /// Largest accepted request body (SPEC §1).
 pub const BODY_LIMIT: usize = 1024 * 1024;
-
-/// Everything a handler may use; time, providers and storage are injected so
-/// tests can control them.
-pub struct AppState {
-    pub store: Store,
-    pub clock: Arc<dyn Clock>,
-    pub keys: TokenKeys,
-    pub hasher: PasswordHasher,
-    pub providers: Providers,
-    pub settings: Arc<Settings>,
-    pub metrics: Option<PrometheusHandle>,
-    pub replies: crate::realtime::Replies,
-    pub login_throttle: LoginThrottle,
-    /// Set when REDIS_URL is: shared state for several instances.
-    pub redis: Option<redis::Client>,
-    pub support: crate::realtime::support::SupportDesk,
-    /// Cancelled when the server stops; background tasks end with it.
-    pub shutdown: tokio_util::sync::CancellationToken,
-}
-
-/// Failed logins counted per client address and per account (SPEC §6),
-/// across instances when Redis is configured.
-pub struct LoginThrottle {
-    pub per_address: crate::realtime::limits::Limiter,
-    pub per_account: crate::realtime::limits::Limiter,
-}
-
-impl LoginThrottle {
-    pub fn new(shared: Option<Arc<crate::realtime::limits::SharedCounters>>) -> Self {
-        use crate::realtime::limits::Limiter;
-        const WINDOW_MS: i64 = 15 * 60 * 1000;
-        Self {
-            per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
-            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
-        }
-    }
-}
-
-impl AppState {
-    pub fn access_ttl_secs(&self) -> i64 {
-        self.settings.access_token_expire_minutes as i64 * 60
-    }
-
-    pub fn refresh_ttl_secs(&self) -> i64 {
-        self.settings.refresh_token_expire_days as i64 * 86_400
-    }
-}
 
 #[derive(OpenApi)]
 #[openapi(

@@ -241,4 +241,5 @@ pub async fn send_to_conversation(
         },
     )
     .await
+    .map_err(Into::into)
 }

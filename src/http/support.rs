@@ -54,7 +54,7 @@ impl SupportCaller {
     /// The session, if this caller may see it.
     async fn session(&self, state: &AppState, id: &str) -> ApiResult<SupportSessionRecord> {
         match self {
-            SupportCaller::Client(token) => desk::session_for_client(state, id, token).await,
+            SupportCaller::Client(token) => Ok(desk::session_for_client(state, id, token).await?),
             SupportCaller::Staff(_) => state.store.support_session(id).await?.ok_or(ApiError::NotFound),
         }
     }
@@ -62,7 +62,7 @@ impl SupportCaller {
     /// The session, for routes only its visitor may call.
     async fn own_session(&self, state: &AppState, id: &str) -> ApiResult<SupportSessionRecord> {
         match self {
-            SupportCaller::Client(token) => desk::session_for_client(state, id, token).await,
+            SupportCaller::Client(token) => Ok(desk::session_for_client(state, id, token).await?),
             SupportCaller::Staff(_) => {
                 Err(ApiError::forbidden("client_only", "Only the visitor of this session may do that."))
             }

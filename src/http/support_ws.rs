@@ -413,24 +413,24 @@ fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
                 client_message(&state, session_id, content).await
             }
             (Side::Client { session_id }, Frame::RequestHuman) => match state.store.support_session(session_id).await {
-                Ok(Some(s)) => desk::handoff(&state, &s).await.map(|_| ()),
+                Ok(Some(s)) => desk::handoff(&state, &s).await.map(|_| ()).map_err(ApiError::from),
                 Ok(None) => Err(ApiError::NotFound),
                 Err(e) => Err(e.into()),
             },
             (Side::Agent { id, .. }, Frame::ClaimSession { session_id }) => {
-                desk::claim(&state, id, &session_id).await.map(|_| ())
+                desk::claim(&state, id, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             (Side::Agent { id, .. }, Frame::Message { content, session_id: Some(session_id) }) => {
                 match parse_content(&state, content) {
-                    Ok(c) => desk::agent_send(&state, id, &session_id, c).await.map(|_| ()),
+                    Ok(c) => desk::agent_send(&state, id, &session_id, c).await.map(|_| ()).map_err(ApiError::from),
                     Err(e) => Err(e),
                 }
             }
             (Side::Agent { id, .. }, Frame::ReleaseSession { session_id }) => {
-                desk::release(&state, id, &session_id).await.map(|_| ())
+                desk::release(&state, id, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             (Side::Agent { id, admin }, Frame::CloseSession { session_id }) => {
-                desk::close(&state, id, *admin, &session_id).await.map(|_| ())
+                desk::close(&state, id, *admin, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             _ => Err(ApiError::bad_request("bad_frame", "This frame is not for this socket.")),
         };
@@ -461,7 +461,8 @@ fn parse_content(state: &AppState, content: Value) -> Result<MessageContent, Api
 async fn client_message(state: &Arc<AppState>, session_id: &str, content: Value) -> Result<(), ApiError> {
     let content = parse_content(state, content)?;
     let s = state.store.support_session(session_id).await?.ok_or(ApiError::NotFound)?;
-    desk::client_send(state, &s, content, None).await.map(|_| ())
+    desk::client_send(state, &s, content, None).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ async fn handle_message(
             model,
             idempotency_key: request_id.as_ref().map(|r| format!("ws:{r}")),
         };
-        replies::send(&state, req).await
+        replies::send(&state, req).await.map_err(ApiError::from)
     }
     .await;
     let sent = match sent {

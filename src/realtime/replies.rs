@@ -23,8 +23,9 @@ use crate::{
         context::{ChatMessage, ChatRole, fit_history},
         conversation::{MessageContent, MessageRole, MessageStatus, ModelId, Title},
     },
-    http::{AppState, error::ApiError},
+    error::Error,
     providers::{ChatEvent, ProviderError, Usage},
+    state::AppState,
     store::{
         ConversationRecord, Exchange, ExchangeOutcome, IdempotentSend, MessageRecord, MessageUpdate, NewMessage,
         StoreError,
@@ -152,7 +153,7 @@ pub struct Sent {
 /// Stores the user message and the reply's placeholder (on disk before this
 /// returns), starts the reply and returns both messages. A retry with the
 /// same idempotency key returns the original messages and starts nothing.
-pub async fn send(state: &Arc<AppState>, req: SendRequest) -> Result<Sent, ApiError> {
+pub async fn send(state: &Arc<AppState>, req: SendRequest) -> Result<Sent, Error> {
     let model = match req.model.clone().or_else(|| match &req.target {
         Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
         Target::New => None,
@@ -213,7 +214,7 @@ pub struct Stored {
 /// is claimed in the transaction that stores the messages, so a retry finds
 /// the original's messages at once — or, when their conversation was deleted
 /// since, a 404 — and never waits for a request that no longer runs.
-pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored, ApiError> {
+pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored, Error> {
     let now = state.clock.now_ms();
     let conversation = match send.target {
         Target::Existing(c) => c.clone(),
@@ -264,10 +265,10 @@ pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored,
         ExchangeOutcome::Stored { user_message, assistant } => {
             Ok(Stored { fresh: true, conversation, user_message: *user_message, assistant: assistant.map(|a| *a) })
         }
-        ExchangeOutcome::NoConversation => Err(ApiError::NotFound),
+        ExchangeOutcome::NoConversation => Err(Error::NotFound),
         ExchangeOutcome::Existing(original) => {
             if original.request_hash != ids.request_hash {
-                return Err(ApiError::invalid_field(
+                return Err(Error::invalid_field(
                     "idempotency_key_reused",
                     "Idempotency-Key",
                     "was already used for a different request",
@@ -279,9 +280,9 @@ pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored,
                 id => state.store.message(&original.conversation_id, id).await?,
             };
             // The key outlived its messages: their conversation was deleted.
-            let Some(user_message) = user_message else { return Err(ApiError::NotFound) };
+            let Some(user_message) = user_message else { return Err(Error::NotFound) };
             if !original.assistant_message_id.is_empty() && assistant.is_none() {
-                return Err(ApiError::NotFound);
+                return Err(Error::NotFound);
             }
             Ok(Stored { fresh: false, conversation, user_message, assistant })
         }

@@ -20,7 +20,8 @@ use crate::{
         conversation::{MessageContent, MessageRole, MessageStatus},
         support::{ClientInfo, HandoffPhrases, SupportStatus, estimated_wait_seconds},
     },
-    http::{AppState, error::ApiError},
+    error::Error,
+    state::AppState,
     store::{ConversationRecord, MessageRecord, NewMessage, SUPPORT_USER_ID, SupportSessionRecord},
 };
 
@@ -46,7 +47,7 @@ impl SupportDesk {
 }
 
 /// The JSON of a session as clients and agents see it.
-pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<Value, ApiError> {
+pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<Value, Error> {
     let position = state.store.queue_position(s).await?;
     let recent_wait_ms = match position {
         Some(_) => state.store.recent_support_wait_ms().await?,
@@ -57,7 +58,7 @@ pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<
 
 /// The waiting sessions, first come first, as JSON: two queries whatever
 /// the queue's length.
-pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
+pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, Error> {
     let queue = state.store.support_queue().await?;
     let recent_wait_ms = state.store.recent_support_wait_ms().await?;
     Ok(queue.iter().zip(1..).map(|(s, position)| session_view(s, Some(position), recent_wait_ms)).collect())
@@ -68,7 +69,7 @@ pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, ApiError> {
 /// before it tells the sockets, so a snapshot of the current generation is
 /// never older than the change a socket was told about. REST reads stay
 /// fresh: with Redis, their own change may not have come round yet.)
-pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<Value>>, ApiError> {
+pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<Value>>, Error> {
     let generation = state.support.bus.queue_generation();
     let mut cached = state.support.queue_cache.lock().await;
     if let Some((at, items)) = cached.as_ref()
@@ -115,7 +116,7 @@ pub fn message_json(session_id: &str, m: &MessageRecord) -> Value {
 }
 
 /// Logs and publishes a lasting event of a session.
-async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload: Value) -> Result<(), ApiError> {
+async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload: Value) -> Result<(), Error> {
     let seq = state.store.append_support_event(&s.id, kind, &payload.to_string(), state.clock.now_ms()).await?;
     let event = BusEvent {
         session_id: s.id.clone(),
@@ -129,8 +130,8 @@ async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload:
 }
 
 /// A status change: logged for the session, and the queue changed too.
-async fn status_changed(state: &AppState, id: &str) -> Result<SupportSessionRecord, ApiError> {
-    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+async fn status_changed(state: &AppState, id: &str) -> Result<SupportSessionRecord, Error> {
+    let s = state.store.support_session(id).await?.ok_or(Error::NotFound)?;
     let session = session_json(state, &s).await?;
     record(state, &s, "status", session).await?;
     queue_changed(state).await;
@@ -147,7 +148,7 @@ pub async fn queue_changed(state: &AppState) {
 }
 
 /// A new session in AI mode; answers it and its client token.
-pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(SupportSessionRecord, String), ApiError> {
+pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(SupportSessionRecord, String), Error> {
     let now = state.clock.now_ms();
     let conversation = ConversationRecord {
         id: uuid::Uuid::new_v4().to_string(),
@@ -179,10 +180,10 @@ pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(Sup
 }
 
 /// The session a client token opens (and only that one).
-pub async fn session_for_client(state: &AppState, id: &str, token: &str) -> Result<SupportSessionRecord, ApiError> {
-    let s = state.store.support_session_by_token(&hash_token(token)).await?.ok_or(ApiError::Unauthorized)?;
+pub async fn session_for_client(state: &AppState, id: &str, token: &str) -> Result<SupportSessionRecord, Error> {
+    let s = state.store.support_session_by_token(&hash_token(token)).await?.ok_or(Error::Unauthorized)?;
     if s.id != id {
-        return Err(ApiError::NotFound);
+        return Err(Error::NotFound);
     }
     Ok(s)
 }
@@ -203,9 +204,9 @@ pub async fn client_send(
     s: &SupportSessionRecord,
     content: MessageContent,
     idempotency_key: Option<String>,
-) -> Result<ClientSend, ApiError> {
+) -> Result<ClientSend, Error> {
     if s.status == SupportStatus::Closed {
-        return Err(ApiError::conflict("session_closed", "This support session is closed."));
+        return Err(Error::conflict("session_closed", "This support session is closed."));
     }
     let key = idempotency_key.map(|k| format!("support:{}:{k}", s.id));
     let wants_human = s.status == SupportStatus::Ai && state.support.phrases.asks_for_human(content.as_str());
@@ -295,12 +296,12 @@ async fn forward_reply(
     None
 }
 
-async fn support_conversation(state: &AppState, s: &SupportSessionRecord) -> Result<ConversationRecord, ApiError> {
+async fn support_conversation(state: &AppState, s: &SupportSessionRecord) -> Result<ConversationRecord, Error> {
     state
         .store
         .conversation(&s.conversation_id, SUPPORT_USER_ID)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("support conversation missing")))
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("support conversation missing")))
 }
 
 async fn insert(
@@ -309,7 +310,7 @@ async fn insert(
     id: &str,
     role: MessageRole,
     content: &str,
-) -> Result<MessageRecord, ApiError> {
+) -> Result<MessageRecord, Error> {
     let message = NewMessage {
         id,
         conversation_id: &s.conversation_id,
@@ -323,15 +324,15 @@ async fn insert(
 }
 
 /// `ai` → `queued`. Asking again while queued or with a human changes nothing.
-pub async fn handoff(state: &AppState, s: &SupportSessionRecord) -> Result<SupportSessionRecord, ApiError> {
+pub async fn handoff(state: &AppState, s: &SupportSessionRecord) -> Result<SupportSessionRecord, Error> {
     match s.status {
-        SupportStatus::Closed => Err(ApiError::conflict("session_closed", "This support session is closed.")),
+        SupportStatus::Closed => Err(Error::conflict("session_closed", "This support session is closed.")),
         SupportStatus::Queued | SupportStatus::Human => Ok(s.clone()),
         SupportStatus::Ai => {
             if state.store.enqueue_support_session(&s.id, state.clock.now_ms()).await? {
                 status_changed(state, &s.id).await
             } else {
-                Ok(state.store.support_session(&s.id).await?.ok_or(ApiError::NotFound)?)
+                Ok(state.store.support_session(&s.id).await?.ok_or(Error::NotFound)?)
             }
         }
     }
@@ -339,19 +340,19 @@ pub async fn handoff(state: &AppState, s: &SupportSessionRecord) -> Result<Suppo
 
 /// An agent takes a queued session; 409 unless it is queued (exactly one
 /// of concurrent claimers wins).
-pub async fn claim(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
-    state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+pub async fn claim(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, Error> {
+    state.store.support_session(id).await?.ok_or(Error::NotFound)?;
     if !state.store.claim_support_session(id, agent_id, state.clock.now_ms()).await? {
-        return Err(ApiError::conflict("not_queued", "This session is not waiting in the queue (already claimed?)."));
+        return Err(Error::conflict("not_queued", "This session is not waiting in the queue (already claimed?)."));
     }
     status_changed(state, id).await
 }
 
 /// The session, if `agent_id` holds it; 403 otherwise (404 if none).
-pub async fn held_by(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
-    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+pub async fn held_by(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, Error> {
+    let s = state.store.support_session(id).await?.ok_or(Error::NotFound)?;
     if s.status != SupportStatus::Human || s.assigned_agent.as_deref() != Some(agent_id) {
-        return Err(ApiError::forbidden("not_assigned", "Only the agent this session is assigned to may do that."));
+        return Err(Error::forbidden("not_assigned", "Only the agent this session is assigned to may do that."));
     }
     Ok(s)
 }
@@ -361,7 +362,7 @@ pub async fn agent_send(
     agent_id: &str,
     id: &str,
     content: MessageContent,
-) -> Result<MessageRecord, ApiError> {
+) -> Result<MessageRecord, Error> {
     let s = held_by(state, agent_id, id).await?;
     let message = insert(state, &s, &uuid::Uuid::now_v7().to_string(), MessageRole::Agent, content.as_str()).await?;
     record(state, &s, "message", message_json(&s.id, &message)).await?;
@@ -369,27 +370,22 @@ pub async fn agent_send(
 }
 
 /// Back to the head of the queue.
-pub async fn release(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, ApiError> {
+pub async fn release(state: &AppState, agent_id: &str, id: &str) -> Result<SupportSessionRecord, Error> {
     held_by(state, agent_id, id).await?;
     if !state.store.release_support_session(id, agent_id, state.clock.now_ms()).await? {
-        return Err(ApiError::conflict("not_assigned", "The session changed meanwhile."));
+        return Err(Error::conflict("not_assigned", "The session changed meanwhile."));
     }
     status_changed(state, id).await
 }
 
 /// Closes a session (its agent, or an admin for any open session).
-pub async fn close(
-    state: &AppState,
-    agent_id: &str,
-    is_admin: bool,
-    id: &str,
-) -> Result<SupportSessionRecord, ApiError> {
-    let s = state.store.support_session(id).await?.ok_or(ApiError::NotFound)?;
+pub async fn close(state: &AppState, agent_id: &str, is_admin: bool, id: &str) -> Result<SupportSessionRecord, Error> {
+    let s = state.store.support_session(id).await?.ok_or(Error::NotFound)?;
     if !is_admin {
         held_by(state, agent_id, id).await?;
     }
     if s.status == SupportStatus::Closed {
-        return Err(ApiError::conflict("session_closed", "This support session is already closed."));
+        return Err(Error::conflict("session_closed", "This support session is already closed."));
     }
     state.store.close_support_session(id, state.clock.now_ms()).await?;
     status_changed(state, id).await

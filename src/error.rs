@@ -1,0 +1,41 @@
+//! What the services below HTTP (replies, the support desk) can answer:
+//! kinds with stable codes and no HTTP in them. `http/error.rs` turns each
+//! kind into a status and `{"detail", "code"}` in one `From` impl.
+
+use crate::{domain::FieldError, store::StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not found")]
+    NotFound,
+    /// Missing or invalid credentials (a support visitor's token, say).
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("{detail}")]
+    Forbidden { code: &'static str, detail: String },
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String },
+    #[error("validation failed")]
+    Invalid { code: &'static str, errors: Vec<FieldError> },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn forbidden(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Forbidden { code, detail: detail.into() }
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Conflict { code, detail: detail.into() }
+    }
+
+    /// One bad field, with its own code.
+    pub fn invalid_field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        Error::Invalid { code, errors: vec![FieldError::new(field, message)] }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,62 @@
+//! The state every part of the server shares: storage, time, keys,
+//! providers, settings, the replies running here, the support desk and the
+//! login throttle. Time, providers and storage are injected so tests can
+//! control them.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::{
+    auth::{PasswordHasher, TokenKeys},
+    clock::Clock,
+    config::Settings,
+    providers::Providers,
+    store::Store,
+};
+
+/// Everything a request may use.
+pub struct AppState {
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    pub keys: TokenKeys,
+    pub hasher: PasswordHasher,
+    pub providers: Providers,
+    pub settings: Arc<Settings>,
+    pub metrics: Option<PrometheusHandle>,
+    pub replies: crate::realtime::Replies,
+    pub login_throttle: LoginThrottle,
+    /// Set when REDIS_URL is: shared state for several instances.
+    pub redis: Option<redis::Client>,
+    pub support: crate::realtime::support::SupportDesk,
+    /// Cancelled when the server stops; background tasks end with it.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Failed logins counted per client address and per account (SPEC §6),
+/// across instances when Redis is configured.
+pub struct LoginThrottle {
+    pub per_address: crate::realtime::limits::Limiter,
+    pub per_account: crate::realtime::limits::Limiter,
+}
+
+impl LoginThrottle {
+    pub fn new(shared: Option<Arc<crate::realtime::limits::SharedCounters>>) -> Self {
+        use crate::realtime::limits::Limiter;
+        const WINDOW_MS: i64 = 15 * 60 * 1000;
+        Self {
+            per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
+            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
+        }
+    }
+}
+
+impl AppState {
+    pub fn access_ttl_secs(&self) -> i64 {
+        self.settings.access_token_expire_minutes as i64 * 60
+    }
+
+    pub fn refresh_ttl_secs(&self) -> i64 {
+        self.settings.refresh_token_expire_days as i64 * 86_400
+    }
+}

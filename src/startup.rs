@@ -161,10 +161,9 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::R
     let shutdown = CancellationToken::new();
     recover_interrupted_replies(&store, clock.as_ref(), &settings).await?;
     metrics::gauge!("palaver_support_queue_length").set(store.support_queue().await?.len() as f64);
-    let counters =
-        redis.clone().map(|client| crate::realtime::limits::SharedCounters::new(client, &settings.redis_prefix));
-    let support = crate::realtime::support::SupportDesk::new(
-        crate::realtime::bus::SupportBus::start(redis.as_ref(), &settings.redis_prefix, shutdown.clone()).await,
+    let counters = redis.clone().map(|client| crate::limits::SharedCounters::new(client, &settings.redis_prefix));
+    let support = crate::desk::SupportDesk::new(
+        crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.redis_prefix, shutdown.clone()).await,
         &settings.support_handoff_phrases,
         settings.support_sessions_per_ip,
         counters.clone(),
@@ -178,7 +177,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::R
         settings: Arc::new(settings),
         metrics: Some(metrics_handle()),
         replies: Default::default(),
-        login_throttle: crate::http::LoginThrottle::new(counters),
+        login_throttle: crate::limits::LoginThrottle::new(counters),
         support,
         redis,
         shutdown,

@@ -24,31 +24,13 @@ pub struct AppState {
     pub providers: Providers,
     pub settings: Arc<Settings>,
     pub metrics: Option<PrometheusHandle>,
-    pub replies: crate::realtime::Replies,
-    pub login_throttle: LoginThrottle,
+    pub replies: crate::chat::Replies,
+    pub login_throttle: crate::limits::LoginThrottle,
     /// Set when REDIS_URL is: shared state for several instances.
     pub redis: Option<redis::Client>,
-    pub support: crate::realtime::support::SupportDesk,
+    pub support: crate::desk::SupportDesk,
     /// Cancelled when the server stops; background tasks end with it.
     pub shutdown: tokio_util::sync::CancellationToken,
-}
-
-/// Failed logins counted per client address and per account (SPEC §6),
-/// across instances when Redis is configured.
-pub struct LoginThrottle {
-    pub per_address: crate::realtime::limits::Limiter,
-    pub per_account: crate::realtime::limits::Limiter,
-}
-
-impl LoginThrottle {
-    pub fn new(shared: Option<Arc<crate::realtime::limits::SharedCounters>>) -> Self {
-        use crate::realtime::limits::Limiter;
-        const WINDOW_MS: i64 = 15 * 60 * 1000;
-        Self {
-            per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
-            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
-        }
-    }
 }
 
 impl AppState {

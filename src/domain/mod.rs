@@ -5,7 +5,6 @@
 pub mod context;
 pub mod conversation;
 pub mod support;
-pub mod throttle;
 pub mod user;
 pub mod validation;
 

@@ -17,7 +17,7 @@ pub mod users;
 pub mod views;
 pub mod ws;
 
-pub use crate::state::{AppState, LoginThrottle};
+pub use crate::state::AppState;
 
 use std::sync::Arc;
 

@@ -1,12 +1,10 @@
-//! Live events: replies generated detached from requests, followed by any
-//! number of readers (sync POST, SSE, WebSocket, resumers), and the support
-//! desk's event bus (in-process, or Redis across instances).
+//! Old paths of the reply engine, the support desk and the limiter, kept
+//! while the HTTP handlers move over to `chat`, `desk` and `limits`.
 
-pub mod bus;
-pub mod limits;
-pub mod redis_link;
-pub mod replies;
-pub mod support;
-pub mod usage;
-
-pub use replies::{Replies, ReplyEvent};
+pub use crate::{
+    chat as replies,
+    chat::{Replies, ReplyEvent},
+    desk as support,
+    desk::bus,
+    limits,
+};

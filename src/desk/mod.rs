@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::{
-    bus::{BusEvent, SupportBus},
-    limits::{Limiter, SharedCounters},
-    replies::{self, ReplyEvent, SendRequest, StoreSend, Target},
-};
+pub mod bus;
+
+use bus::{BusEvent, SupportBus};
+
 use crate::{
     auth::{hash_token, random_token},
     clock::rfc3339,
@@ -23,6 +22,10 @@ use crate::{
     error::Error,
     state::AppState,
     store::{ConversationRecord, MessageRecord, NewMessage, SUPPORT_USER_ID, SupportSessionRecord},
+};
+use crate::{
+    chat::{self as replies, ReplyEvent, SendRequest, StoreSend, Target},
+    limits::{Limiter, SharedCounters},
 };
 
 pub struct SupportDesk {

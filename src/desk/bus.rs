@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::redis_link::RedisLink;
+use crate::redis_link::RedisLink;
 
 /// Events a slow socket may fall behind before it resynchronises from the log.
 const LOCAL_BUFFER: usize = 4096;

@@ -1,0 +1,24 @@
+//! The reply engine: how a message becomes a stored reply.
+//!
+//! - `send`: validation is done by the caller; this stores the user message
+//!   and the reply's placeholder in one transaction with the idempotency key,
+//!   and builds the context the model sees (history up to that message).
+//! - `generate`: runs the provider stream detached from the request (a client
+//!   that disconnects does not stop it, only a cancel does), saves the text as
+//!   it goes and stores the final state, retrying until the database takes it.
+//! - `follow`: what followers (the synchronous POST, SSE, sockets, resumers)
+//!   read — the live text here, or the database for replies running on
+//!   another instance or already finished — addressed by byte offset, so a
+//!   resume sends exactly what was missed; and cancelling.
+//! - `usage`: token totals kept through database outages.
+
+mod follow;
+mod generate;
+mod live;
+mod send;
+pub mod usage;
+
+pub use follow::{cancel, finished, follow};
+pub use generate::provider_error_code;
+pub use live::{LiveReply, Replies, ReplyEvent};
+pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send, send_hash, store_send};

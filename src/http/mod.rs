@@ -158,5 +158,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(cors)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(middleware::drop_unusable_request_id))
         .with_state(state)
 }

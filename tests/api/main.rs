@@ -19,6 +19,7 @@ mod idempotency;
 mod login_protection;
 mod ops;
 mod robustness;
+mod security;
 mod streaming;
 mod support;
 mod support_ws;

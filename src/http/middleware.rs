@@ -1,7 +1,7 @@
 //! Cross-cutting layers: the access log line and request metrics (labelled
 //! by matched route, never the raw path, which may carry a token), the early
-//! 413 for oversized bodies, client request ids kept to a sane shape, the
-//! panic guard and CORS.
+//! 413 for oversized bodies, client request ids kept to a sane shape,
+//! security headers, the panic guard and CORS.
 
 use std::time::Instant;
 
@@ -69,6 +69,35 @@ const REQUEST_ID: &str = "x-request-id";
 
 fn is_usable_request_id(id: &[u8]) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&id.len()) && id.iter().all(|b| (b' '..=b'~').contains(b))
+}
+
+/// What the doc pages need: their own scripts and styles (ReDoc and Swagger
+/// UI inject `<style>` elements, hence `'unsafe-inline'` for styles only),
+/// `data:` icons, ReDoc's search worker (a `blob:`) and the document itself.
+const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; \
+base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// Everything else is JSON (or an event stream): nothing to run, nowhere to be framed.
+const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// Headers that keep browsers from sniffing, framing and leaking our
+/// answers; the API's answers (tokens, conversations) are never cached.
+pub async fn security_headers(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+    let is_docs = under("/docs") || under("/redoc");
+    let private = under("/api") || under("/v1") || under("/ws");
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    let csp = if is_docs { DOCS_CSP } else { API_CSP };
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    if private {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 /// Refuses a body announced as too large without buffering it (it is read

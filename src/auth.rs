@@ -64,7 +64,10 @@ impl PasswordHasher {
         };
         self.run(move || {
             let parsed = PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
-            Ok(real && Argon2::default().verify_password(pw.as_bytes(), &parsed).is_ok())
+            // Verify first, whatever `real` says: `real && verify` would skip
+            // the hash for unknown users and tell them apart by timing.
+            let matches = Argon2::default().verify_password(pw.as_bytes(), &parsed).is_ok();
+            Ok(real && matches)
         })
         .await
     }

@@ -70,7 +70,11 @@ impl RedisLink {
                     Ok(Err(e)) => e.to_string(),
                     _ => "timed out".to_owned(),
                 };
-                tracing::warn!(%error, purpose = self.purpose, "Redis did not answer; going on without it for now");
+                tracing::warn!(
+                    error = error.as_str(),
+                    purpose = self.purpose,
+                    "Redis did not answer; going on without it for now"
+                );
                 let until = (self.epoch.elapsed() + REST).as_millis() as u64;
                 self.resting_until_ms.store(until, Ordering::Relaxed);
                 None

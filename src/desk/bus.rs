@@ -304,7 +304,7 @@ async fn subscribe_loop(client: redis::Client, channel: String, local: Local, st
                 }
                 tracing::warn!("lost the Redis subscription; reconnecting");
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to Redis; retrying"),
+            Ok(Err(e)) => tracing::warn!(error = e.to_string().as_str(), "cannot subscribe to Redis; retrying"),
             Err(_) => tracing::warn!("subscribing to Redis timed out; retrying"),
         }
         tokio::select! {

@@ -290,7 +290,7 @@ async fn forward_reply(
             }
             ReplyEvent::Finished(m) => {
                 if let Err(e) = record(&state, &s, "message", message_json(&s.id, &m)).await {
-                    tracing::warn!(error = %e, "could not log a support reply");
+                    tracing::warn!(error = e.to_string().as_str(), "could not log a support reply");
                 }
                 return Some(m.as_ref().clone());
             }

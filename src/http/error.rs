@@ -157,8 +157,8 @@ impl IntoResponse for ApiError {
         let status = self.status_code();
         match &self {
             ApiError::Internal(e) => tracing::error!(error = ?e, "internal error"),
-            ApiError::Unavailable(e) => tracing::warn!(error = %e, "unavailable"),
-            ApiError::ReplyFailed { detail, .. } => tracing::warn!(error = %detail, "reply failed"),
+            ApiError::Unavailable(e) => tracing::warn!(error = e.as_str(), "unavailable"),
+            ApiError::ReplyFailed { detail, .. } => tracing::warn!(error = detail.as_str(), "reply failed"),
             _ => {}
         }
         let mut body = json!({ "detail": self.detail(), "code": self.code() });

@@ -211,20 +211,44 @@ pub async fn drain(mut body: axum::body::Body) {
     let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
-/// Deserializes JSON, mapping serde's errors onto 400 and 422 answers.
+/// Deserializes a JSON object body, mapping serde's errors onto 400 and 422
+/// answers. Only an object is a body: serde would also fill a struct from an
+/// array (`[null, null]` clearing two fields), which no client means.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("malformed_json", "A JSON body is required."));
     }
+    let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let not_an_object = || ApiError::invalid(vec![FieldError::new("body", "must be a JSON object")]);
+    let malformed =
+        |e: &serde_json::Error| ApiError::bad_request("malformed_json", format!("The body is not valid JSON: {e}."));
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => ApiError::invalid(vec![data_error(&path, &inner)]),
-            _ => ApiError::bad_request("malformed_json", format!("The body is not valid JSON: {inner}.")),
+    let parsed = serde_path_to_error::deserialize(&mut *de);
+    if !is_object {
+        // Whatever serde made of it: well-formed JSON that is no object is
+        // a 422, anything else a 400 (a struct filled from an array stops
+        // early with "trailing characters", which is no syntax error here).
+        return Err(match parsed {
+            Err(err) if err.inner().classify() != serde_json::error::Category::Data => {
+                match serde_json::from_slice::<serde_json::Value>(bytes) {
+                    Ok(_) => not_an_object(),
+                    Err(_) => malformed(err.inner()),
+                }
+            }
+            _ => not_an_object(),
+        });
+    }
+    match parsed {
+        Ok(value) => de.end().map(|()| value).map_err(|e| malformed(&e)),
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Data => Err(ApiError::invalid(vec![data_error(&path, &inner)])),
+                _ => Err(malformed(&inner)),
+            }
         }
-    })
+    }
 }
 
 fn data_error(path: &str, err: &serde_json::Error) -> FieldError {
@@ -235,13 +259,47 @@ fn data_error(path: &str, err: &serde_json::Error) -> FieldError {
         .and_then(|rest| rest.split('`').next())
         .map(|name| if path == "." { name.to_owned() } else { format!("{path}.{name}") });
     let field = missing.clone().unwrap_or_else(|| if path == "." { "body".to_owned() } else { path.to_owned() });
-    let message = if missing.is_some() {
-        "field required".to_owned()
-    } else {
-        // Drop serde's " at line 1 column 12" position suffix.
-        text.split(" at line ").next().unwrap_or(&text).to_owned()
-    };
+    let message = if missing.is_some() { "field required".to_owned() } else { client_message(&text) };
     FieldError::new(field, message)
+}
+
+/// serde's message in the client's terms: "invalid type: map, expected
+/// struct ClientInfoBody" names our Rust types (and echoes the client's
+/// value), so type errors become "must be <kind of JSON value>".
+fn client_message(serde_text: &str) -> String {
+    // Drop serde's " at line 1 column 12" position suffix.
+    let text = serde_text.split(" at line ").next().unwrap_or(serde_text);
+    let is_type_error = ["invalid type", "invalid value", "invalid length"].iter().any(|p| text.starts_with(p));
+    match text.rsplit_once(", expected ") {
+        Some((_, expected)) if is_type_error => format!("must be {}", json_kind(expected.trim())),
+        _ => text.to_owned(),
+    }
+}
+
+/// What serde's "expected …" (a Rust type or a visitor's wording) is in JSON.
+fn json_kind(expected: &str) -> String {
+    let first_word = expected.split_whitespace().next().unwrap_or("");
+    let kind = match first_word {
+        "struct" | "map" => "a JSON object",
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a non-negative integer in range",
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "an integer in range",
+        "f32" | "f64" => "a number",
+        "bool" => "true or false",
+        "char" => "a single character",
+        "tuple" | "sequence" => "an array",
+        "enum" | "variant" | "unit" => "one of the allowed values",
+        _ => match expected {
+            "a string" | "a borrowed string" => "a string",
+            "a boolean" => "true or false",
+            "a map" => "a JSON object",
+            "a sequence" => "an array",
+            // A visitor's own wording ("a UUID string", "a valid date") is
+            // already for people; anything naming a type is not.
+            e if e.contains("struct ") || e.contains("enum ") => "a valid value",
+            e => return e.to_owned(),
+        },
+    };
+    kind.to_owned()
 }
 
 /// For PATCH bodies: tells an absent field (`None`) from an explicit null
@@ -385,6 +443,62 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(field_of(parse_json::<serde_json::Value>(deep.as_bytes()).unwrap_err()).0, 400);
         assert_eq!(field_of(parse_json::<Body>(deep.as_bytes()).unwrap_err()).0, 422);
+    }
+
+    fn message_of(e: ApiError) -> String {
+        match e {
+            ApiError::Validation { errors, .. } => format!("{}: {}", errors[0].field, errors[0].message),
+            other => other.detail(),
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Outer {
+        title: Option<String>,
+        inner: Inner,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        name: String,
+        count: u32,
+    }
+
+    #[test]
+    fn only_objects_are_bodies() {
+        for body in [&b"[null, null]"[..], b"[\"x\", 1]", b" 7", b"\"text\"", b"null", b"true"] {
+            let shown = String::from_utf8_lossy(body);
+            assert_eq!(message_of(parse_json::<Body>(body).unwrap_err()), "body: must be a JSON object", "{shown}");
+        }
+        // Even a type that would take any JSON value only gets objects.
+        assert_eq!(field_of(parse_json::<serde_json::Value>(b"[1]").unwrap_err()), (422, "body".into()));
+        assert!(parse_json::<serde_json::Value>(b" {\"a\": [1]}").is_ok());
+        assert_eq!(field_of(parse_json::<serde_json::Value>(b"[1, ").unwrap_err()).0, 400, "malformed stays 400");
+        assert_eq!(field_of(parse_json::<Body>(br#"{"content": "x"} {}"#).unwrap_err()).0, 400, "trailing data");
+    }
+
+    #[test]
+    fn errors_never_name_rust_types() {
+        let cases: [(&[u8], &str); 6] = [
+            (br#"{"inner": "x"}"#, "inner: must be a JSON object"),
+            (br#"{"inner": {"name": 5, "count": 1}}"#, "inner.name: must be a string"),
+            (br#"{"inner": {"name": "a", "count": -1}}"#, "inner.count: must be a non-negative integer in range"),
+            (br#"{"inner": {"name": "a", "count": true}}"#, "inner.count: must be a non-negative integer in range"),
+            (br#"{"title": [], "inner": {"name": "a", "count": 1}}"#, "title: must be a string"),
+            (br#"{"inner": {"name": "a"}}"#, "inner.count: field required"),
+        ];
+        for (body, expected) in cases {
+            let message = message_of(parse_json::<Outer>(body).unwrap_err());
+            assert_eq!(message, expected, "{}", String::from_utf8_lossy(body));
+        }
+        for body in [&br#"{"inner": 1}"#[..], br#"{"inner": {"name": {}, "count": 1}}"#, b"[]"] {
+            let message = message_of(parse_json::<Outer>(body).unwrap_err());
+            for rust in ["struct", "Outer", "Inner", "u32", "String"] {
+                assert!(!message.contains(rust), "{message:?} names {rust}");
+            }
+        }
     }
 
     #[test]

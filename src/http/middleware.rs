@@ -1,6 +1,7 @@
 //! Cross-cutting layers: the access log line and request metrics (labelled
 //! by matched route, never the raw path, which may carry a token), the early
-//! 413 for oversized bodies, the panic guard and CORS.
+//! 413 for oversized bodies, client request ids kept to a sane shape,
+//! security headers, the panic guard and CORS.
 
 use std::time::Instant;
 
@@ -21,8 +22,15 @@ pub async fn access_log(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    // `&str` values are quoted and escaped by the text format (`%` would
+    // not be), so a request id cannot forge fields of the line.
+    let span = tracing::info_span!(
+        "request",
+        request_id = request_id.as_str(),
+        method = method.as_str(),
+        route = route.as_str()
+    );
     let response = next.run(req).instrument(span.clone()).await;
     let elapsed = start.elapsed();
     let status = response.status().as_u16();
@@ -34,6 +42,61 @@ pub async fn access_log(req: Request, next: Next) -> Response {
     span.in_scope(|| {
         tracing::info!(status, latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3, "request");
     });
+    response
+}
+
+/// Longest client-chosen `X-Request-Id` that is kept (and echoed).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's `X-Request-Id` is echoed and logged, so only ids of 1 to 128
+/// printable ASCII characters are kept; any other (or a repeated header) is
+/// dropped here, and `SetRequestIdLayer` generates one instead.
+pub async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let ids = req.headers().get_all(REQUEST_ID);
+    let mut iter = ids.iter();
+    let usable = match (iter.next(), iter.next()) {
+        (Some(id), None) => is_usable_request_id(id.as_bytes()),
+        (None, _) => true,
+        (Some(_), Some(_)) => false,
+    };
+    if !usable {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+fn is_usable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len()) && id.iter().all(|b| (b' '..=b'~').contains(b))
+}
+
+/// What the doc pages need: their own scripts and styles (ReDoc and Swagger
+/// UI inject `<style>` elements, hence `'unsafe-inline'` for styles only),
+/// `data:` icons, ReDoc's search worker (a `blob:`) and the document itself.
+const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; \
+base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// Everything else is JSON (or an event stream): nothing to run, nowhere to be framed.
+const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// Headers that keep browsers from sniffing, framing and leaking our
+/// answers; the API's answers (tokens, conversations) are never cached.
+pub async fn security_headers(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+    let is_docs = under("/docs") || under("/redoc");
+    let private = under("/api") || under("/v1") || under("/ws");
+    let mut response = next.run(req).await;
+    let headers = response.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    let csp = if is_docs { DOCS_CSP } else { API_CSP };
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    if private {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     response
 }
 
@@ -81,4 +144,20 @@ pub fn cors(origins: &[String]) -> CorsLayer {
         ])
         .expose_headers([header::HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_usable_request_id;
+
+    #[test]
+    fn request_ids_are_short_and_printable() {
+        assert!(is_usable_request_id(b"abc-123"));
+        assert!(is_usable_request_id(b"x\" status=999 injected=1"), "printable: kept, and logged escaped");
+        assert!(is_usable_request_id("a".repeat(128).as_bytes()));
+        assert!(!is_usable_request_id("a".repeat(129).as_bytes()));
+        assert!(!is_usable_request_id(b""));
+        assert!(!is_usable_request_id(b"tab\there"));
+        assert!(!is_usable_request_id("caf\u{e9}".as_bytes()));
+    }
 }

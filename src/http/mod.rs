@@ -102,7 +102,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(middleware::reject_large_bodies))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
         .layer(cors)
+        .layer(axum::middleware::from_fn(middleware::security_headers))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(middleware::drop_unusable_request_id))
         .with_state(state)
 }

@@ -1,6 +1,6 @@
-//! The support desk's sockets. `GET /ws/support/{session_id}?token=<client
-//! token>` for the visitor and `GET /ws/agent?token=<access token>` for
-//! agents. Both take `?since=<event id>` and first replay what the event log
+//! The support desk's sockets. `GET /ws/support/{session_id}` for the
+//! visitor (its client token as `?token=` or Bearer) and `GET /ws/agent` for
+//! agents (an access token, as on the chat socket). Both take `?since=<event id>` and first replay what the event log
 //! holds after it, then deliver live events from the bus; a bus resync
 //! re-reads the log, so nothing is missed or doubled.
 
@@ -8,9 +8,10 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     extract::{
-        Path, Query, State,
+        Path, State,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
     },
+    http::{HeaderMap, Uri},
     response::{IntoResponse, Response},
 };
 use futures::StreamExt;
@@ -21,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     AppState,
     error::ApiError,
-    extract::{authenticate_token, parse_uuid},
+    extract::{bearer, parse_uuid},
     views::ErrorBody,
-    ws::{Outbox, spawn_writer},
+    ws::{Outbox, SocketUser, spawn_writer},
 };
 use crate::{
     domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
@@ -36,10 +37,20 @@ use crate::{
 
 const HEARTBEAT: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Deserialize)]
+/// `?token=` and `?since=`, read leniently (the last of repeated keys wins)
+/// so no query string gets a rejection outside our error format.
+#[derive(Debug, Default)]
 pub struct SocketQuery {
     token: Option<String>,
     since: Option<String>,
+}
+
+impl SocketQuery {
+    fn parse(uri: &axum::http::Uri) -> Self {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+        let last = |key: &str| pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        Self { token: last("token"), since: last("since") }
+    }
 }
 
 fn since(q: &SocketQuery) -> Result<i64, ApiError> {
@@ -55,18 +66,22 @@ fn since(q: &SocketQuery) -> Result<i64, ApiError> {
 
 /// The visitor's socket.
 #[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support",
-    params(("session_id" = String, Path), ("token" = String, Query, description = "The session's client token"),
+    params(("session_id" = String, Path),
+        ("token" = Option<String>, Query, description = "The session's client token, unless sent as Bearer"),
         ("since" = Option<i64>, Query, description = "Replay events after this event id")),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn client_socket(
     State(state): State<Arc<AppState>>,
     Path(session_id): Path<String>,
-    Query(q): Query<SocketQuery>,
+    uri: Uri,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let q = SocketQuery::parse(&uri);
     let opened = async {
         let id = parse_uuid(&session_id).ok_or(ApiError::NotFound)?;
-        let token = q.token.as_deref().ok_or(ApiError::Unauthorized)?;
+        // SPEC §1: a Bearer header works wherever `?token=` does.
+        let token = q.token.as_deref().or_else(|| bearer(&headers)).ok_or(ApiError::Unauthorized)?;
         let s = desk::session_for_client(&state, &id, token).await?;
         Ok::<_, ApiError>((s, since(&q)?))
     };
@@ -78,21 +93,22 @@ pub async fn client_socket(
     }
 }
 
-/// The agent console's socket.
-#[utoipa::path(get, path = "/ws/agent", tag = "support",
-    params(("token" = String, Query, description = "Access token of an agent or admin"),
+/// The agent console's socket: authenticated like the chat socket (an
+/// access token as `?token=` or Bearer, or the session cookie).
+#[utoipa::path(get, path = "/ws/agent", tag = "support", security(("bearer" = [])),
+    params(("token" = Option<String>, Query, description = "Access token of an agent or admin, for clients that cannot set headers"),
         ("since" = Option<i64>, Query, description = "Replay events after this event id")),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn agent_socket(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<SocketQuery>,
+    uri: Uri,
+    user: Result<SocketUser, ApiError>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let opened = async {
-        let token = q.token.as_deref().ok_or(ApiError::Unauthorized)?;
-        let user = authenticate_token(&state, token).await?;
+        let SocketUser(user) = user?;
         user.require(&[Role::Agent, Role::Admin])?;
-        Ok::<_, ApiError>((user, since(&q)?))
+        Ok::<_, ApiError>((user, since(&SocketQuery::parse(&uri))?))
     };
     match opened.await {
         Err(e) => e.into_response(),

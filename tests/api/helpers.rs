@@ -267,6 +267,7 @@ pub async fn spawn_process_app(db: Db) -> Option<TestApp> {
 pub async fn spawn_process_app_with(db: Db, change: impl FnOnce(&mut Settings)) -> Option<TestApp> {
     let (mut settings, data_dir, database, clock, provider) = test_settings(db).await?;
     settings.stream_flush_ms = 100;
+    settings.log_level = "warn".into();
     change(&mut settings);
     let server = start_process(&settings, 0).await;
     Some(TestApp {
@@ -365,6 +366,9 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
     let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned()).unwrap_or_default();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_palaver"));
     command.env_clear();
+    if let Some(format) = settings.log_format {
+        command.env("PALAVER_LOG_FORMAT", format!("{format:?}").to_lowercase());
+    }
     if let Some(redis) = &settings.redis_url {
         command.env("REDIS_URL", redis.expose()).env("PALAVER_REDIS_PREFIX", &settings.redis_prefix);
     }
@@ -382,9 +386,10 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
         .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.provider_idle_timeout.to_string())
         .env("PALAVER_STREAM_FLUSH_MS", settings.stream_flush_ms.to_string())
         .env("PALAVER_SHUTDOWN_GRACE", settings.shutdown_grace.to_string())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", &settings.log_level)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        // Log lines go to stdout, panics to stderr: both into the log.
+        .stdout(log.try_clone().expect("share the server log"))
         .stderr(log)
         .kill_on_drop(true)
         .spawn()

@@ -21,6 +21,7 @@ mod ops;
 mod outage;
 mod refresh_races;
 mod robustness;
+mod security;
 mod streaming;
 mod support;
 mod support_ws;

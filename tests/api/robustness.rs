@@ -20,7 +20,9 @@ db_tests!(
     hostile_json_gets_4xx_never_5xx,
     hostile_query_strings_and_paths_get_4xx_never_5xx,
     hostile_headers_get_4xx_never_5xx,
-    nul_bytes_in_strings_are_refused;
+    nul_bytes_in_strings_are_refused,
+    only_json_objects_are_bodies,
+    validation_errors_never_name_rust_types;
     sqlite_only: ten_thousand_concurrent_requests_are_all_answered,
 );
 
@@ -456,4 +458,53 @@ async fn ten_thousand_concurrent_requests_are_all_answered(app: TestApp) {
 
     app.get("/health").fetch().await.assert_status(StatusCode::OK);
     app.me(&user).await.assert_status(StatusCode::OK);
+}
+
+/// Issue #8 (item 14): serde fills a struct from a JSON array too, so
+/// `[null, null]` used to be a PATCH clearing the title and system prompt.
+async fn only_json_objects_are_bodies(app: TestApp) {
+    let user = app.signup().await;
+    let conversation = app.create_conversation(&user, json!({ "title": "Kept", "system_prompt": "Be brief." })).await;
+    let id = conversation["id"].as_str().unwrap();
+    let targets = [
+        ("PATCH", format!("/api/conversations/{id}"), Some(&user)),
+        ("POST", "/api/conversations".to_owned(), Some(&user)),
+        ("POST", format!("/api/conversations/{id}/messages"), Some(&user)),
+        ("POST", "/api/auth/login".to_owned(), None),
+        ("POST", "/api/auth/register".to_owned(), None),
+        ("POST", "/api/support/sessions".to_owned(), None),
+    ];
+    for (method, path, caller) in &targets {
+        for body in ["[null,null]", "[\"t\", \"s\", null]", "[]", "7", "\"x\"", "null"] {
+            let response = send_raw(&app, method, path, *caller, Some(JSON), body).await;
+            response.assert_invalid("body");
+            let message = response.body["errors"][0]["message"].as_str().unwrap_or_default();
+            assert_eq!(message, "must be a JSON object", "{method} {path} with {body}: {}", response.text);
+        }
+    }
+    let kept = app.conversation(&user, id).await;
+    assert_eq!((&kept.body["title"], &kept.body["system_prompt"]), (&json!("Kept"), &json!("Be brief.")));
+    assert_eq!(app.provider.request_count(), 0);
+}
+
+async fn validation_errors_never_name_rust_types(app: TestApp) {
+    let user = app.signup().await;
+    let id = app.new_conversation(&user).await;
+    let cases = [
+        ("/api/support/sessions", None, json!({ "client_info": "me" }), "client_info"),
+        ("/api/support/sessions", None, json!({ "client_info": 7 }), "client_info"),
+        ("/api/support/sessions", None, json!({ "client_info": { "name": 1, "email": "a@b.co" } }), "client_info.name"),
+        ("/api/conversations", Some(&user), json!({ "title": { "a": 1 } }), "title"),
+        ("/api/conversations", Some(&user), json!({ "title": [1] }), "title"),
+        ("/api/auth/login", None, json!({ "login": true, "password": "x" }), "login"),
+    ];
+    for (path, caller, body, field) in cases {
+        let response = send_raw(&app, "POST", path, caller, Some(JSON), body.to_string()).await;
+        response.assert_invalid(field);
+        for rust in ["struct", "Body", "ClientInfo", "String", "Option", "u32", "i64"] {
+            assert!(!response.text.contains(rust), "{path} with {body}: {} names {rust}", response.text);
+        }
+    }
+    let patch = send_raw(&app, "PATCH", &format!("/api/conversations/{id}"), Some(&user), Some(JSON), "[1]").await;
+    assert!(!patch.text.contains("struct"), "{}", patch.text);
 }

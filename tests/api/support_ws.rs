@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 use crate::helpers::{Fetch, TestApp, TestUser, WsClient, WsEnd, db_tests};
 use crate::mock_openai::{Script, StreamEnd};
@@ -18,6 +18,7 @@ db_tests!(
     sockets_check_their_credentials_before_the_upgrade,
     bad_frames_get_error_frames_and_the_socket_stays_open,
     a_visitor_who_does_not_read_is_closed_with_4008_and_catches_up,
+    both_sockets_take_a_bearer_header,
 );
 
 // ---------------------------------------------------------------------------
@@ -397,4 +398,46 @@ async fn a_visitor_who_does_not_read_is_closed_with_4008_and_catches_up(app: Tes
     let since = log.iter().filter_map(|f| f["event_id"].as_i64()).max();
     let mut ws = client_socket(app.port, &v, since).await;
     until(&mut ws, &mut Vec::new(), "the whole reply", message_is("assistant", &script.text())).await;
+}
+
+/// Opens `url` with `Authorization: Bearer <token>`; the handshake's status.
+async fn connect_with_bearer(url: &str, token: &str) -> Result<WsClient, StatusCode> {
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(WsClient { socket }),
+        Err(tungstenite::Error::Http(response)) => Err(response.status()),
+        Err(e) => panic!("{url}: the handshake broke: {e:?}"),
+    }
+}
+
+/// Issue #8 (item 13): SPEC §1 has Bearer work everywhere, `?token=` being
+/// the alternative; both support sockets ignored the header.
+async fn both_sockets_take_a_bearer_header(app: TestApp) {
+    let (v, other) = (visitor(&app, "bearer").await, visitor(&app, "other").await);
+    let alice = agent(&app).await;
+    let user = app.signup().await;
+    let base = format!("ws://127.0.0.1:{}", app.port);
+
+    let mut c = connect_with_bearer(&format!("{base}/ws/support/{}", v.id), &v.token).await.expect("visitor");
+    c.expect("status").await;
+    c.send(json!({ "type": "ping" })).await;
+    c.expect("pong").await;
+    let mut a = connect_with_bearer(&format!("{base}/ws/agent"), &alice.token).await.expect("agent");
+    a.expect("queue").await;
+    a.send(json!({ "type": "ping" })).await;
+    until(&mut a, &mut Vec::new(), "the pong", |f| f["type"] == "pong").await;
+
+    // The header is checked as strictly as the query.
+    let refused = [
+        (format!("{base}/ws/support/{}", v.id), other.token.clone(), StatusCode::NOT_FOUND),
+        (format!("{base}/ws/support/{}", v.id), "pst_wrong".to_owned(), StatusCode::UNAUTHORIZED),
+        (format!("{base}/ws/agent"), v.token.clone(), StatusCode::UNAUTHORIZED),
+        (format!("{base}/ws/agent"), "not-a-token".to_owned(), StatusCode::UNAUTHORIZED),
+        (format!("{base}/ws/agent"), user.token.clone(), StatusCode::FORBIDDEN),
+    ];
+    for (url, token, status) in refused {
+        let got = connect_with_bearer(&url, &token).await.err();
+        assert_eq!(got, Some(status), "{url} with Bearer {token}");
+    }
 }

@@ -15,8 +15,9 @@ use utoipa::ToSchema;
 
 use super::{
     AppState,
+    docs::{IdempotencyKey, MessageText},
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, ClientIp, Cursor, Pagination, UuidPath, bearer},
+    extract::{ApiJson, AuthUser, ClientIp, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, bearer},
     streaming::idempotency_key,
     views::ErrorBody,
 };
@@ -72,8 +73,12 @@ impl SupportCaller {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ClientInfoBody {
+    #[schema(schema_with = super::docs::display_name)]
     pub name: String,
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
+    /// Digits, spaces and `+-().`, at least 5 digits; blank counts as absent.
+    #[schema(schema_with = super::docs::optional_phone)]
     pub phone: Option<String>,
 }
 
@@ -119,8 +124,10 @@ pub async fn create_session(
 
 /// A support session (its visitor, or staff).
 #[utoipa::path(get, path = "/api/support/sessions/{id}", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Support session"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, description = "Support session"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Neither this session's visitor nor an agent or admin"),
+        (status = 404, body = ErrorBody)))]
 pub async fn get_session(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
@@ -132,8 +139,10 @@ pub async fn get_session(
 
 /// The session's messages, oldest first (roles user, assistant, agent).
 #[utoipa::path(get, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("before" = Option<String>, Query)),
-    responses((status = 200, description = "`{items, has_more}`"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = uuid::Uuid, Path), CursorQuery),
+    responses((status = 200, description = "`{items, has_more}`"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Neither this session's visitor nor an agent or admin"),
+        (status = 404, body = ErrorBody)))]
 pub async fn list_messages(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
@@ -155,6 +164,7 @@ pub async fn list_messages(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentBody {
+    #[schema(value_type = MessageText)]
     pub content: String,
 }
 
@@ -167,7 +177,7 @@ fn content(state: &AppState, body: ContentBody) -> ApiResult<MessageContent> {
 
 /// The visitor writes; in AI mode the AI's reply comes back too.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)), request_body = ContentBody,
+    params(("id" = uuid::Uuid, Path), IdempotencyKey), request_body = ContentBody,
     responses((status = 201, description = "`{message, reply}`; reply is null unless the session is in AI mode"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
@@ -187,7 +197,7 @@ pub async fn post_message(
 
 /// The visitor asks for a human: the session joins the queue.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/handoff", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, description = "Session, now queued"), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn handoff(
@@ -222,7 +232,7 @@ pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRes
 
 /// All sessions, newest first, optionally `?status=`.
 #[utoipa::path(get, path = "/api/agent/sessions", tag = "support", security(("bearer" = [])),
-    params(("status" = Option<String>, Query), ("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    params(("status" = Option<SupportStatus>, Query), PageQuery),
     responses((status = 200, description = "Page of sessions"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn sessions(
@@ -260,7 +270,7 @@ pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRe
 
 /// Claim a queued session; exactly one of concurrent claimers wins (others 409).
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/claim", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, description = "Session, now `human`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
@@ -271,7 +281,7 @@ pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidP
 
 /// The assigned agent writes to the visitor.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = ContentBody,
+    params(("id" = uuid::Uuid, Path)), request_body = ContentBody,
     responses((status = 201, description = "Message (role `agent`)"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn agent_message(
@@ -288,7 +298,7 @@ pub async fn agent_message(
 
 /// The assigned agent puts the session back at the head of the queue.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/release", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, description = "Session, queued again"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
@@ -299,7 +309,7 @@ pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: Uui
 
 /// The assigned agent (or an admin) closes the session; the visitor is told.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/close", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, description = "Session, closed"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn close(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {

@@ -55,9 +55,10 @@ fn since(q: &SocketQuery) -> Result<i64, ApiError> {
 
 /// The visitor's socket.
 #[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support",
-    params(("session_id" = String, Path), ("token" = String, Query, description = "The session's client token"),
-        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
-    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("session_id" = uuid::Uuid, Path), ("token" = String, Query, description = "The session's client token"),
+        ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
+    responses((status = 101, description = "WebSocket"), (status = 400, description = "Not a WebSocket upgrade request (or a malformed query)", content((ErrorBody = "application/json"), (String = "text/plain"))),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn client_socket(
     State(state): State<Arc<AppState>>,
     Path(session_id): Path<String>,
@@ -81,8 +82,9 @@ pub async fn client_socket(
 /// The agent console's socket.
 #[utoipa::path(get, path = "/ws/agent", tag = "support",
     params(("token" = String, Query, description = "Access token of an agent or admin"),
-        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
-    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
+    responses((status = 101, description = "WebSocket"), (status = 400, description = "Not a WebSocket upgrade request (or a malformed query)", content((ErrorBody = "application/json"), (String = "text/plain"))),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn agent_socket(
     State(state): State<Arc<AppState>>,
     Query(q): Query<SocketQuery>,

@@ -72,9 +72,31 @@ impl Modify for CommonResponses {
                     response.content.insert("application/json".into(), error);
                     operation.responses.responses.entry(status.into()).or_insert(RefOr::T(response));
                 }
+                // Handlers name an error status with its body only; say what it means.
+                for (status, response) in operation.responses.responses.iter_mut() {
+                    if let (RefOr::T(response), Some(meaning)) = (response, meaning(status))
+                        && response.description.is_empty()
+                    {
+                        response.description = meaning.into();
+                    }
+                }
             }
         }
     }
+}
+
+fn meaning(status: &str) -> Option<&'static str> {
+    Some(match status {
+        "401" => "Missing, invalid, expired or revoked credentials.",
+        "403" => "Authenticated but not allowed.",
+        "404" => "Not found, or not yours.",
+        "409" => "Conflicts with the current state.",
+        "422" => "Validation failed; `errors` names each field.",
+        "429" => "Rate limited; retry after `Retry-After` seconds.",
+        "502" => "The AI provider failed after retries; the user message is kept (`user_message`).",
+        "504" => "The AI provider did not answer in time; the user message is kept (`user_message`).",
+        _ => return None,
+    })
 }
 
 fn operations(item: &mut PathItem) -> Vec<(&'static str, &mut Operation)> {

@@ -16,6 +16,7 @@ use utoipa::{
     IntoParams, Modify, PartialSchema, ToSchema,
     openapi::{
         Content, OpenApi, PathItem, RefOr, Response, Schema,
+        link::LinkBuilder,
         path::{Operation, ParameterIn},
         schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type},
         security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
@@ -81,6 +82,28 @@ impl Modify for CommonResponses {
                     }
                 }
             }
+        }
+    }
+}
+
+/// OpenAPI links from a new support session to the routes that take its id,
+/// so clients and fuzzers know where `session_id` goes (utoipa's derive
+/// cannot state links).
+pub struct SupportLinks;
+
+impl Modify for SupportLinks {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let created = openapi.paths.paths.get_mut("/api/support/sessions").and_then(|item| item.post.as_mut());
+        let Some(RefOr::T(response)) = created.and_then(|op| op.responses.responses.get_mut("201")) else { return };
+        for (name, operation_id) in [
+            ("GetSession", "get_session"),
+            ("ListMessages", "support_list_messages"),
+            ("PostMessage", "support_post_message"),
+            ("Handoff", "handoff"),
+            ("Claim", "claim"),
+        ] {
+            let link = LinkBuilder::new().operation_id(operation_id).parameter("id", "$response.body#/session_id");
+            response.links.insert(name.into(), RefOr::T(link.build()));
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod ws;
 use std::sync::Arc;
 
 use axum::{Router, extract::DefaultBodyLimit};
-use docs::{CommonResponses, SecurityAddon, ServerLimits};
+use docs::{CommonResponses, SecurityAddon, ServerLimits, SupportLinks};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::{
     catch_panic::CatchPanicLayer,
@@ -150,6 +150,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
 pub fn api_parts(limits: &ServerLimits) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
     let (api, mut openapi) = api_routes().split_for_parts();
     CommonResponses.modify(&mut openapi);
+    SupportLinks.modify(&mut openapi);
     limits.modify(&mut openapi);
     (api, openapi)
 }

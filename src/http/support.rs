@@ -206,6 +206,7 @@ pub async fn get_session(
 
 /// The session's messages, oldest first (roles user, assistant, agent).
 #[utoipa::path(get, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
+    operation_id = "support_list_messages",
     params(("id" = uuid::Uuid, Path), CursorQuery),
     responses((status = 200, body = CursorPage<SupportMessageView>), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "Neither this session's visitor nor an agent or admin"),
@@ -244,6 +245,7 @@ fn content(state: &AppState, body: ContentBody) -> ApiResult<MessageContent> {
 
 /// The visitor writes; in AI mode the AI's reply comes back too.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
+    operation_id = "support_post_message",
     params(("id" = uuid::Uuid, Path), IdempotencyKey), request_body = ContentBody,
     responses((status = 201, body = SupportExchange),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),

@@ -374,6 +374,11 @@ async fn openapi_states_the_statuses_every_route_shares(app: TestApp) {
             expect("503", "the database may be down");
         }
     }
+    let mut ids: Vec<String> = operations(&doc).iter().map(|(_, _, op)| op["operationId"].to_string()).collect();
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "operation ids are unique");
     let register = statuses(&doc["paths"]["/api/auth/register"]["post"]);
     assert!(register.contains(&"429".to_owned()), "registrations are rate limited: {register:?}");
 }

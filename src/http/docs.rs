@@ -16,6 +16,7 @@ use utoipa::{
     IntoParams, Modify, PartialSchema, ToSchema,
     openapi::{
         Content, OpenApi, PathItem, RefOr, Response, Schema,
+        extensions::Extensions,
         link::LinkBuilder,
         path::{Operation, ParameterIn},
         schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type},
@@ -102,7 +103,11 @@ impl Modify for SupportLinks {
             ("Handoff", "handoff"),
             ("Claim", "claim"),
         ] {
-            let link = LinkBuilder::new().operation_id(operation_id).parameter("id", "$response.body#/session_id");
+            // utoipa 5.5 writes `Link::operation_id` as `operation_id`, not
+            // `operationId`, so the name rides in the extensions.
+            let mut target = Extensions::default();
+            target.insert("operationId".into(), operation_id.into());
+            let link = LinkBuilder::new().parameter("id", "$response.body#/session_id").extensions(Some(target));
             response.links.insert(name.into(), RefOr::T(link.build()));
         }
     }

@@ -68,10 +68,15 @@ impl Modify for CommonResponses {
     fn modify(&self, openapi: &mut OpenApi) {
         for item in openapi.paths.paths.values_mut() {
             for (method, operation) in operations(item) {
+                let socket = operation.responses.responses.contains_key("101");
                 for (status, description) in common_statuses(method, operation) {
-                    let error = Content::new(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ErrorBody"))));
                     let mut response = Response::new(description);
-                    response.content.insert("application/json".into(), error);
+                    response.content.insert("application/json".into(), Content::new(Some(error_body())));
+                    if socket && status == "400" {
+                        // axum's upgrade extractor refuses a plain request in plain text.
+                        response.description = "Not a WebSocket upgrade request, or a malformed query.".into();
+                        response.content.insert("text/plain".into(), Content::new(Some(string().build())));
+                    }
                     operation.responses.responses.entry(status.into()).or_insert(RefOr::T(response));
                 }
                 // Handlers name an error status with its body only; say what it means.
@@ -111,6 +116,10 @@ impl Modify for SupportLinks {
             response.links.insert(name.into(), RefOr::T(link.build()));
         }
     }
+}
+
+fn error_body() -> RefOr<Schema> {
+    RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ErrorBody"))
 }
 
 fn meaning(status: &str) -> Option<&'static str> {
@@ -165,7 +174,11 @@ fn common_statuses(method: &str, op: &Operation) -> Vec<(&'static str, &'static 
         statuses.push(("415", "The body is not sent as JSON."));
     }
     if has_body || !params.is_empty() {
-        statuses.push(("422", "Validation failed: a path id is not a UUID, or a query, header or body field is invalid; `errors` names each."));
+        statuses.push((
+            "422",
+            "Validation failed: a path id is not a UUID, or a query, header or body field is invalid; \
+             `errors` names each.",
+        ));
     }
     if !ops {
         statuses.push(("503", "The database (or Redis) does not answer; retry after `Retry-After`."));

@@ -267,7 +267,8 @@ pub async fn post_message(
 /// The visitor asks for a human: the session joins the queue.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/handoff", tag = "support", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 200, body = SupportSessionView, description = "Session, now queued"), (status = 401, body = ErrorBody),
+    responses((status = 200, body = SupportSessionView, description = "Session, now queued"),
+        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn handoff(
     State(state): State<Arc<AppState>>,
@@ -293,7 +294,8 @@ async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> A
 
 /// Waiting sessions, first come first, with `queue_position` and `waiting_since`.
 #[utoipa::path(get, path = "/api/agent/queue", tag = "support", security(("bearer" = [])),
-    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
     Ok(Json(json!({ "items": desk::queue_json(&state).await? })))
@@ -302,7 +304,8 @@ pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRes
 /// All sessions, newest first, optionally `?status=`.
 #[utoipa::path(get, path = "/api/agent/sessions", tag = "support", security(("bearer" = [])),
     params(("status" = Option<SupportStatus>, Query), PageQuery),
-    responses((status = 200, body = Page<SupportSessionView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 200, body = Page<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn sessions(
     State(state): State<Arc<AppState>>,
@@ -330,7 +333,8 @@ pub async fn sessions(
 
 /// Sessions assigned to the caller.
 #[utoipa::path(get, path = "/api/agent/active", tag = "support", security(("bearer" = [])),
-    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
     let mine = state.store.agent_sessions(&auth.user.id).await?;
@@ -340,8 +344,8 @@ pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRe
 /// Claim a queued session; exactly one of concurrent claimers wins (others 409).
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/claim", tag = "support", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 200, body = SupportSessionView, description = "Session, now `human`"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+    responses((status = 200, body = SupportSessionView, description = "Session, now `human`"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;
@@ -352,8 +356,8 @@ pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidP
 /// The assigned agent writes to the visitor.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)), request_body = ContentBody,
-    responses((status = 201, body = SupportMessageView, description = "Message (role `agent`)"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+    responses((status = 201, body = SupportMessageView, description = "Message (role `agent`)"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn agent_message(
     State(state): State<Arc<AppState>>,
@@ -370,8 +374,8 @@ pub async fn agent_message(
 /// The assigned agent puts the session back at the head of the queue.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/release", tag = "support", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 200, body = SupportSessionView, description = "Session, queued again"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+    responses((status = 200, body = SupportSessionView, description = "Session, queued again"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;
@@ -382,8 +386,8 @@ pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: Uui
 /// The assigned agent (or an admin) closes the session; the visitor is told.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/close", tag = "support", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)),
-    responses((status = 200, body = SupportSessionView, description = "Session, closed"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody),
+    responses((status = 200, body = SupportSessionView, description = "Session, closed"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn close(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;

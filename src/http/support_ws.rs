@@ -54,11 +54,11 @@ fn since(q: &SocketQuery) -> Result<i64, ApiError> {
 }
 
 /// The visitor's socket.
-#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support",
-    params(("session_id" = uuid::Uuid, Path), ("token" = String, Query, description = "The session's client token"),
+#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support", security(("bearer" = [])),
+    params(("session_id" = uuid::Uuid, Path),
+        ("token" = Option<String>, Query, description = "The session's client token, if not sent as Bearer"),
         ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
-    responses((status = 101, description = "WebSocket"), (status = 400, description = "Not a WebSocket upgrade request (or a malformed query)", content((ErrorBody = "application/json"), (String = "text/plain"))),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn client_socket(
     State(state): State<Arc<AppState>>,
     Path(session_id): Path<String>,
@@ -81,10 +81,10 @@ pub async fn client_socket(
 
 /// The agent console's socket.
 #[utoipa::path(get, path = "/ws/agent", tag = "support",
-    params(("token" = String, Query, description = "Access token of an agent or admin"),
+    security(("bearer" = [])),
+    params(("token" = Option<String>, Query, description = "Access token of an agent or admin, if not sent as Bearer"),
         ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
-    responses((status = 101, description = "WebSocket"), (status = 400, description = "Not a WebSocket upgrade request (or a malformed query)", content((ErrorBody = "application/json"), (String = "text/plain"))),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn agent_socket(
     State(state): State<Arc<AppState>>,
     Query(q): Query<SocketQuery>,

@@ -86,7 +86,6 @@ fn origin_allowed(headers: &HeaderMap, state: &AppState) -> bool {
 #[utoipa::path(get, path = "/api/ws", tag = "chat", security(("bearer" = [])),
     params(("token" = Option<String>, Query, description = "Access token, for clients that cannot set headers")),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket upgrade request (or a malformed query)", content((ErrorBody = "application/json"), (String = "text/plain"))),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "Cookie-authenticated from an origin that is not allowed")))]
 pub async fn chat_socket(

@@ -54,7 +54,7 @@ fn since(q: &SocketQuery) -> Result<i64, ApiError> {
 }
 
 /// The visitor's socket.
-#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support", security(("bearer" = [])),
+#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support", security((), ("bearer" = [])),
     params(("session_id" = uuid::Uuid, Path),
         ("token" = Option<String>, Query, description = "The session's client token, if not sent as Bearer"),
         ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
@@ -81,7 +81,7 @@ pub async fn client_socket(
 
 /// The agent console's socket.
 #[utoipa::path(get, path = "/ws/agent", tag = "support",
-    security(("bearer" = [])),
+    security((), ("bearer" = [])),
     params(("token" = Option<String>, Query, description = "Access token of an agent or admin, if not sent as Bearer"),
         ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]

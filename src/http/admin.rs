@@ -11,14 +11,14 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, Pagination, UuidPath},
+    extract::{ApiJson, AuthUser, PageQuery, Pagination, UuidPath},
     views::{AdminUserView, ErrorBody, Page},
 };
 use crate::domain::{Validator, user::Role};
 
 /// Every account, oldest first.
 #[utoipa::path(get, path = "/api/admin/users", tag = "admin", security(("bearer" = [])),
-    params(("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    params(PageQuery),
     responses((status = 200, body = Page<AdminUserView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn list_users(
     State(state): State<Arc<AppState>>,
@@ -37,7 +37,7 @@ pub async fn list_users(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UpdateUserBody {
-    /// `user`, `agent` or `admin`.
+    #[schema(value_type = Option<Role>)]
     pub role: Option<String>,
     /// A disabled user cannot log in and their live tokens stop working.
     pub disabled: Option<bool>,
@@ -45,7 +45,7 @@ pub struct UpdateUserBody {
 
 /// Change a user's role or disable them.
 #[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "admin", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = UpdateUserBody,
+    params(("id" = uuid::Uuid, Path)), request_body = UpdateUserBody,
     responses((status = 200, body = AdminUserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn update_user(

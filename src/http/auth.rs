@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    AppState,
+    AppState, docs,
     error::{ApiError, ApiResult},
     extract::{ApiJson, AuthUser, CSRF_COOKIE, ClientIp, SESSION_COOKIE, UuidPath, is_json, parse_json, read_body},
     views::{ErrorBody, Items, UserView},
@@ -32,15 +32,20 @@ use crate::{
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RegisterBody {
+    #[schema(schema_with = docs::optional_email)]
     pub email: Option<String>,
+    #[schema(schema_with = docs::optional_username)]
     pub username: Option<String>,
+    #[schema(min_length = 8, max_length = 128, pattern = r"^[^\u0000]*$")]
     pub password: String,
+    #[schema(schema_with = docs::optional_display_name)]
     pub display_name: Option<String>,
 }
 
-/// Create an account (role `user`).
+/// Create an account (role `user`); at least one of email and username.
 #[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = RegisterBody,
-    responses((status = 201, body = UserView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = UserView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "Too many registrations from this address; see Retry-After")))]
 pub async fn register(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<RegisterBody>,
@@ -67,6 +72,14 @@ pub struct LoginBody {
     /// Email or username.
     #[serde(alias = "email", alias = "username")]
     pub login: String,
+    pub password: String,
+}
+
+/// The OAuth2 password-flow form of a login.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LoginFormBody {
+    /// Email or username.
+    pub username: String,
     pub password: String,
 }
 
@@ -113,8 +126,9 @@ impl FromRequest<Arc<AppState>> for LoginForm {
 }
 
 /// Log in with email or username; answers tokens and sets the session cookie.
-#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body(content = LoginBody,
-        description = "JSON, or form `username=&password=` (OAuth2 password flow)"),
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth",
+    request_body(description = "JSON, or form `username=&password=` (OAuth2 password flow)",
+        content((LoginBody = "application/json"), (LoginFormBody = "application/x-www-form-urlencoded"))),
     responses((status = 200, body = TokensView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 429, body = ErrorBody, description = "Too many failed logins; see Retry-After")))]
 pub async fn login(
@@ -266,6 +280,7 @@ pub async fn logout(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRe
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub created_at: String,
     pub last_used_at: String,
@@ -294,7 +309,7 @@ pub async fn list_sessions(State(state): State<Arc<AppState>>, auth: AuthUser) -
 
 /// Revoke one of the caller's login sessions.
 #[utoipa::path(delete, path = "/api/auth/sessions/{id}", tag = "auth", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Login session id")),
+    params(("id" = uuid::Uuid, Path, description = "Login session id")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn revoke_session(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<StatusCode> {
     if state.store.revoke_session(id.one(), &auth.user.id, state.clock.now_ms()).await? {

@@ -9,8 +9,9 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     conversations::validate_message,
+    docs::{IdempotencyKey, MessageText, ModelIdSchema},
     error::ApiResult,
-    extract::{ApiJson, AuthUser, Pagination},
+    extract::{ApiJson, AuthUser, PageQuery, Pagination},
     streaming,
     views::{ErrorBody, Items, MessageView, Page, UsageView},
 };
@@ -21,16 +22,21 @@ use crate::{
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatBody {
+    #[schema(value_type = MessageText)]
     pub message: String,
     /// Continue this conversation; a new one is started when absent.
+    #[schema(schema_with = super::docs::optional_uuid)]
     pub conversation_id: Option<String>,
+    #[schema(value_type = Option<ModelIdSchema>)]
     pub model: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChatReply {
+    #[schema(format = Uuid)]
     pub conversation_id: String,
     /// The assistant message's id.
+    #[schema(format = Uuid)]
     pub message_id: String,
     pub reply: String,
     pub model: Option<String>,
@@ -40,7 +46,7 @@ pub struct ChatReply {
 
 /// Send one message, get the reply.
 #[utoipa::path(post, path = "/api/chat", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
-    params(("Idempotency-Key" = Option<String>, Header)),
+    params(IdempotencyKey),
     responses((status = 200, body = ChatReply), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub async fn chat(
@@ -82,6 +88,7 @@ pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderM
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HistoryView {
+    #[schema(format = Uuid)]
     pub conversation_id: String,
     pub title: Option<String>,
     /// Text of the latest message.
@@ -91,7 +98,7 @@ pub struct HistoryView {
 
 /// Conversations with their latest message, newest activity first.
 #[utoipa::path(get, path = "/api/history", tag = "chat", security(("bearer" = [])),
-    params(("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    params(PageQuery),
     responses((status = 200, body = Page<HistoryView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn history(
     State(state): State<Arc<AppState>>,

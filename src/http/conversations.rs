@@ -15,8 +15,9 @@ use utoipa::ToSchema;
 
 use super::{
     AppState,
+    docs::{IdempotencyKey, MessageText, ModelIdSchema},
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, Cursor, Pagination, UuidPath, nullable},
+    extract::{ApiJson, AuthUser, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, nullable},
     streaming,
     views::{ConversationView, CursorPage, ErrorBody, MessageView, Page},
 };
@@ -33,9 +34,12 @@ const LATEST_MESSAGES: i64 = 50;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateConversationBody {
+    #[schema(schema_with = super::docs::optional_title)]
     pub title: Option<String>,
+    #[schema(schema_with = super::docs::optional_system_prompt)]
     pub system_prompt: Option<String>,
-    /// `provider/model`; the default model when absent.
+    /// The default model when absent.
+    #[schema(value_type = Option<ModelIdSchema>)]
     pub model: Option<String>,
 }
 
@@ -82,7 +86,7 @@ fn invalid(errors: Vec<crate::domain::FieldError>) -> ApiError {
 
 /// The caller's conversations, newest activity first.
 #[utoipa::path(get, path = "/api/conversations", tag = "conversations", security(("bearer" = [])),
-    params(("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
+    params(PageQuery),
     responses((status = 200, body = Page<ConversationView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
@@ -112,7 +116,7 @@ pub async fn owned_conversation(state: &AppState, auth: &AuthUser, id: &str) -> 
 
 /// A conversation with its latest messages.
 #[utoipa::path(get, path = "/api/conversations/{id}", tag = "conversations", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = ConversationWithMessages), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
@@ -130,19 +134,19 @@ pub async fn get_one(
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UpdateConversationBody {
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = super::docs::optional_title)]
     pub title: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = super::docs::optional_system_prompt)]
     pub system_prompt: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<ModelIdSchema>)]
     pub model: Option<Option<String>>,
 }
 
 /// Rename, change the system prompt or the model (null clears a field).
 #[utoipa::path(patch, path = "/api/conversations/{id}", tag = "conversations", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = UpdateConversationBody,
+    params(("id" = uuid::Uuid, Path)), request_body = UpdateConversationBody,
     responses((status = 200, body = ConversationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn update(
@@ -172,7 +176,7 @@ pub async fn update(
 
 /// Delete a conversation and its messages.
 #[utoipa::path(delete, path = "/api/conversations/{id}", tag = "conversations", security(("bearer" = [])),
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<StatusCode> {
     if state.store.delete_conversation(id.one(), &auth.user.id).await? {
@@ -184,7 +188,7 @@ pub async fn delete(State(state): State<Arc<AppState>>, auth: AuthUser, id: Uuid
 
 /// Messages, oldest first, in pages going back with `before`.
 #[utoipa::path(get, path = "/api/conversations/{id}/messages", tag = "conversations", security(("bearer" = [])),
-    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("before" = Option<String>, Query)),
+    params(("id" = uuid::Uuid, Path), CursorQuery),
     responses((status = 200, body = CursorPage<MessageView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn list_messages(
@@ -206,8 +210,10 @@ pub async fn list_messages(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PostMessageBody {
+    #[schema(value_type = MessageText)]
     pub content: String,
     /// Overrides the conversation's model for this reply.
+    #[schema(value_type = Option<ModelIdSchema>)]
     pub model: Option<String>,
 }
 
@@ -220,7 +226,7 @@ pub struct Exchange {
 /// Send a message and get the assistant's reply, as JSON (201) or, with
 /// `Accept: text/event-stream`, as an SSE stream.
 #[utoipa::path(post, path = "/api/conversations/{id}/messages", tag = "conversations", security(("bearer" = [])),
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)), request_body = PostMessageBody,
+    params(("id" = uuid::Uuid, Path), IdempotencyKey), request_body = PostMessageBody,
     responses((status = 201, body = Exchange), (status = 200, content_type = "text/event-stream",
         description = "With `Accept: text/event-stream`: `user_message` → `delta`… → `done` | `error`"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),

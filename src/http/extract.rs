@@ -355,6 +355,32 @@ impl<S: Send + Sync> FromRequestParts<S> for Pagination {
     }
 }
 
+/// `Pagination`'s query as the OpenAPI document states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct PageQuery {
+    /// Page number, from 1.
+    #[param(minimum = 1, maximum = 1_000_000)]
+    page: Option<i64>,
+    /// Items per page (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    per_page: Option<i64>,
+}
+
+/// `Cursor`'s query as the OpenAPI document states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct CursorQuery {
+    /// Messages per page (default 50).
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<i64>,
+    /// Answer the messages before this one.
+    #[param(schema_with = super::docs::uuid_or_blank, required = false)]
+    before: Option<String>,
+}
+
 /// `?limit=50&before=<message id>` for message lists.
 #[derive(Debug, Clone)]
 pub struct Cursor {

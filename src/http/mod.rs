@@ -22,12 +22,12 @@ pub use crate::state::AppState;
 use std::sync::Arc;
 
 use axum::{Router, extract::DefaultBodyLimit};
-use docs::SecurityAddon;
+use docs::{CommonResponses, SecurityAddon, ServerLimits, SupportLinks};
 use tower_http::{
     catch_panic::CatchPanicLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
-use utoipa::OpenApi;
+use utoipa::{Modify, OpenApi};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// Largest accepted request body (SPEC §1).
@@ -36,7 +36,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Palaver", description = "Self-hostable AI chatbot backend."),
-    components(schemas(views::ErrorBody)),
+    components(schemas(views::ErrorBody, crate::domain::support::SupportStatus)),
     modifiers(&SecurityAddon),
     tags(
         (name = "auth", description = "Accounts and login sessions"),
@@ -90,9 +90,24 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(ops::metrics))
 }
 
+/// The API routes and their finished document: the statuses every route
+/// shares and the limits of this configuration added to what the handlers'
+/// annotations say.
+pub fn api_parts(limits: &ServerLimits) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    let (api, mut openapi) = api_routes().split_for_parts();
+    CommonResponses.modify(&mut openapi);
+    SupportLinks.modify(&mut openapi);
+    limits.modify(&mut openapi);
+    (api, openapi)
+}
+
 /// The whole application: API, docs, fallbacks and the layer stack.
 pub fn router(state: Arc<AppState>) -> Router {
-    let (api, openapi) = api_routes().split_for_parts();
+    let limits = ServerLimits {
+        providers: state.providers.provider_names(),
+        max_message_chars: state.settings.max_message_chars as usize,
+    };
+    let (api, openapi) = api_parts(&limits);
     let cors = middleware::cors(&state.settings.cors_origins());
     api.merge(docs::routes(openapi))
         .fallback(|| async { error::ApiError::NotFound })

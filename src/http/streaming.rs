@@ -22,6 +22,7 @@ use super::{
     AppState,
     chat::ChatBody,
     conversations::{owned_conversation, validate_message},
+    docs::{IdempotencyKey, LastEventId},
     error::{ApiError, ApiResult},
     extract::{ApiJson, AuthUser, UuidPath, parse_uuid},
     views::{ErrorBody, MessageView},
@@ -125,7 +126,7 @@ pub fn send_events(state: Arc<AppState>, sent: Sent, with_conversation: bool) ->
 
 /// The same, framed for `POST /api/chat/stream`.
 #[utoipa::path(post, path = "/api/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
-    params(("Idempotency-Key" = Option<String>, Header)),
+    params(IdempotencyKey),
     responses((status = 200, content_type = "text/event-stream",
         description = "`conversation` → `user_message` → `delta`… → `done` | `error`"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -154,7 +155,7 @@ fn resume_offset(headers: &HeaderMap) -> ApiResult<Option<usize>> {
 /// rest; a finished reply replays whole.
 #[utoipa::path(get, path = "/api/conversations/{id}/messages/{message_id}/stream", tag = "conversations",
     security(("bearer" = [])),
-    params(("id" = String, Path), ("message_id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+    params(("id" = uuid::Uuid, Path), ("message_id" = uuid::Uuid, Path), LastEventId),
     responses((status = 200, content_type = "text/event-stream", description = "`delta`… → `done` | `error`"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn resume(
@@ -179,7 +180,7 @@ async fn assistant_message(state: &AppState, auth: &AuthUser, ids: &UuidPath) ->
 /// Stop a reply that is being generated; it is stored as `cancelled` with
 /// the text it had. A finished reply answers 409.
 #[utoipa::path(post, path = "/api/conversations/{id}/messages/{message_id}/cancel", tag = "conversations",
-    security(("bearer" = [])), params(("id" = String, Path), ("message_id" = String, Path)),
+    security(("bearer" = [])), params(("id" = uuid::Uuid, Path), ("message_id" = uuid::Uuid, Path)),
     responses((status = 200, body = MessageView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody)))]
 pub async fn cancel(State(state): State<Arc<AppState>>, auth: AuthUser, ids: UuidPath) -> ApiResult<Json<MessageView>> {

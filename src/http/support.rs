@@ -15,15 +15,16 @@ use utoipa::ToSchema;
 
 use super::{
     AppState,
+    docs::{IdempotencyKey, MessageText},
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, ClientIp, Cursor, Pagination, UuidPath, bearer},
+    extract::{ApiJson, AuthUser, ClientIp, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, bearer},
     streaming::idempotency_key,
-    views::ErrorBody,
+    views::{CursorPage, ErrorBody, Items, Page},
 };
 use crate::{
     domain::{
         Validator,
-        conversation::MessageContent,
+        conversation::{MessageContent, MessageRole, MessageStatus},
         support::{ClientInfo, SupportStatus},
         user::Role,
     },
@@ -70,10 +71,81 @@ impl SupportCaller {
     }
 }
 
+/// A support session as `desk::session_json` writes it.
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documents the JSON of desk::session_json")]
+pub struct SupportSessionView {
+    #[schema(format = Uuid)]
+    session_id: String,
+    status: SupportStatus,
+    client_info: ClientInfoView,
+    /// 1 for the head of the queue; null unless queued.
+    queue_position: Option<i64>,
+    estimated_wait_seconds: Option<i64>,
+    assigned_agent: Option<AssignedAgentView>,
+    /// Set while queued.
+    waiting_since: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ClientInfoView {
+    name: String,
+    email: String,
+    phone: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct AssignedAgentView {
+    #[schema(format = Uuid)]
+    id: String,
+    name: Option<String>,
+}
+
+/// A support message as `desk::message_json` writes it.
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documents the JSON of desk::message_json")]
+pub struct SupportMessageView {
+    #[schema(format = Uuid)]
+    id: String,
+    #[schema(format = Uuid)]
+    session_id: String,
+    role: MessageRole,
+    content: String,
+    status: MessageStatus,
+    created_at: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct SupportSessionCreated {
+    #[schema(format = Uuid)]
+    session_id: String,
+    /// Use as `Authorization: Bearer` on this session's routes and `?token=` on its socket.
+    client_token: String,
+    status: SupportStatus,
+    created_at: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct SupportExchange {
+    message: SupportMessageView,
+    /// The AI's answer; null unless the session is in AI mode.
+    reply: Option<SupportMessageView>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ClientInfoBody {
+    #[schema(schema_with = super::docs::display_name)]
     pub name: String,
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
+    /// Digits, spaces and `+-().`, at least 5 digits; blank counts as absent.
+    #[schema(schema_with = super::docs::optional_phone)]
     pub phone: Option<String>,
 }
 
@@ -84,7 +156,7 @@ pub struct CreateSessionBody {
 
 /// Open a support session (anyone); answers the client token to use as Bearer.
 #[utoipa::path(post, path = "/api/support/sessions", tag = "support", request_body = CreateSessionBody,
-    responses((status = 201, description = "`{session_id, client_token, status: \"ai\", created_at}`"),
+    responses((status = 201, body = SupportSessionCreated),
         (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
 pub async fn create_session(
     State(state): State<Arc<AppState>>,
@@ -119,8 +191,10 @@ pub async fn create_session(
 
 /// A support session (its visitor, or staff).
 #[utoipa::path(get, path = "/api/support/sessions/{id}", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Support session"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = SupportSessionView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Neither this session's visitor nor an agent or admin"),
+        (status = 404, body = ErrorBody)))]
 pub async fn get_session(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
@@ -132,8 +206,11 @@ pub async fn get_session(
 
 /// The session's messages, oldest first (roles user, assistant, agent).
 #[utoipa::path(get, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path), ("limit" = Option<i64>, Query), ("before" = Option<String>, Query)),
-    responses((status = 200, description = "`{items, has_more}`"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    operation_id = "support_list_messages",
+    params(("id" = uuid::Uuid, Path), CursorQuery),
+    responses((status = 200, body = CursorPage<SupportMessageView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Neither this session's visitor nor an agent or admin"),
+        (status = 404, body = ErrorBody)))]
 pub async fn list_messages(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
@@ -155,6 +232,7 @@ pub async fn list_messages(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentBody {
+    #[schema(value_type = MessageText)]
     pub content: String,
 }
 
@@ -167,8 +245,9 @@ fn content(state: &AppState, body: ContentBody) -> ApiResult<MessageContent> {
 
 /// The visitor writes; in AI mode the AI's reply comes back too.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header)), request_body = ContentBody,
-    responses((status = 201, description = "`{message, reply}`; reply is null unless the session is in AI mode"),
+    operation_id = "support_post_message",
+    params(("id" = uuid::Uuid, Path), IdempotencyKey), request_body = ContentBody,
+    responses((status = 201, body = SupportExchange),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn post_message(
@@ -187,8 +266,9 @@ pub async fn post_message(
 
 /// The visitor asks for a human: the session joins the queue.
 #[utoipa::path(post, path = "/api/support/sessions/{id}/handoff", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Session, now queued"), (status = 401, body = ErrorBody),
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = SupportSessionView, description = "Session, now queued"),
+        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn handoff(
     State(state): State<Arc<AppState>>,
@@ -214,7 +294,8 @@ async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> A
 
 /// Waiting sessions, first come first, with `queue_position` and `waiting_since`.
 #[utoipa::path(get, path = "/api/agent/queue", tag = "support", security(("bearer" = [])),
-    responses((status = 200, description = "`{items}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
     Ok(Json(json!({ "items": desk::queue_json(&state).await? })))
@@ -222,8 +303,9 @@ pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRes
 
 /// All sessions, newest first, optionally `?status=`.
 #[utoipa::path(get, path = "/api/agent/sessions", tag = "support", security(("bearer" = [])),
-    params(("status" = Option<String>, Query), ("page" = Option<i64>, Query), ("per_page" = Option<i64>, Query)),
-    responses((status = 200, description = "Page of sessions"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    params(("status" = Option<SupportStatus>, Query), PageQuery),
+    responses((status = 200, body = Page<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn sessions(
     State(state): State<Arc<AppState>>,
@@ -251,7 +333,8 @@ pub async fn sessions(
 
 /// Sessions assigned to the caller.
 #[utoipa::path(get, path = "/api/agent/active", tag = "support", security(("bearer" = [])),
-    responses((status = 200, description = "`{items}`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Items<SupportSessionView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
     let mine = state.store.agent_sessions(&auth.user.id).await?;
@@ -260,8 +343,9 @@ pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRe
 
 /// Claim a queued session; exactly one of concurrent claimers wins (others 409).
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/claim", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Session, now `human`"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = SupportSessionView, description = "Session, now `human`"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;
@@ -271,8 +355,9 @@ pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidP
 
 /// The assigned agent writes to the visitor.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/messages", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)), request_body = ContentBody,
-    responses((status = 201, description = "Message (role `agent`)"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    params(("id" = uuid::Uuid, Path)), request_body = ContentBody,
+    responses((status = 201, body = SupportMessageView, description = "Message (role `agent`)"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn agent_message(
     State(state): State<Arc<AppState>>,
@@ -288,8 +373,9 @@ pub async fn agent_message(
 
 /// The assigned agent puts the session back at the head of the queue.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/release", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Session, queued again"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = SupportSessionView, description = "Session, queued again"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;
@@ -299,8 +385,9 @@ pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: Uui
 
 /// The assigned agent (or an admin) closes the session; the visitor is told.
 #[utoipa::path(post, path = "/api/agent/sessions/{id}/close", tag = "support", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "Session, closed"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    params(("id" = uuid::Uuid, Path)),
+    responses((status = 200, body = SupportSessionView, description = "Session, closed"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn close(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
     staff(&auth)?;

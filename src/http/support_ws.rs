@@ -65,10 +65,10 @@ fn since(q: &SocketQuery) -> Result<i64, ApiError> {
 }
 
 /// The visitor's socket.
-#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support",
-    params(("session_id" = String, Path),
-        ("token" = Option<String>, Query, description = "The session's client token, unless sent as Bearer"),
-        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
+#[utoipa::path(get, path = "/ws/support/{session_id}", tag = "support", security((), ("bearer" = [])),
+    params(("session_id" = uuid::Uuid, Path),
+        ("token" = Option<String>, Query, description = "The session's client token, if not sent as Bearer"),
+        ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn client_socket(
     State(state): State<Arc<AppState>>,
@@ -95,9 +95,10 @@ pub async fn client_socket(
 
 /// The agent console's socket: authenticated like the chat socket (an
 /// access token as `?token=` or Bearer, or the session cookie).
-#[utoipa::path(get, path = "/ws/agent", tag = "support", security(("bearer" = [])),
-    params(("token" = Option<String>, Query, description = "Access token of an agent or admin, for clients that cannot set headers"),
-        ("since" = Option<i64>, Query, description = "Replay events after this event id")),
+#[utoipa::path(get, path = "/ws/agent", tag = "support",
+    security((), ("bearer" = [])),
+    params(("token" = Option<String>, Query, description = "Access token of an agent or admin, if not sent as Bearer"),
+        ("since" = Option<i64>, Query, minimum = 0, description = "Replay events after this event id")),
     responses((status = 101, description = "WebSocket"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn agent_socket(
     State(state): State<Arc<AppState>>,

@@ -28,8 +28,9 @@ pub async fn me(auth: AuthUser) -> Json<UserView> {
 pub struct UpdateMeBody {
     /// null clears it.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(schema_with = super::docs::optional_display_name)]
     pub display_name: Option<Option<String>>,
+    #[schema(min_length = 8, max_length = 128, pattern = r"^[^\u0000]*$")]
     pub password: Option<String>,
     /// Required with `password`.
     pub current_password: Option<String>,

@@ -15,6 +15,7 @@ use crate::{
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UserView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub email: Option<String>,
     pub username: Option<String>,
@@ -63,7 +64,9 @@ pub struct UsageView {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MessageView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub conversation_id: String,
     pub role: MessageRole,
     pub content: String,
@@ -106,6 +109,7 @@ impl From<&MessageRecord> for MessageView {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConversationView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub title: Option<String>,
     pub system_prompt: Option<String>,

@@ -85,7 +85,9 @@ fn origin_allowed(headers: &HeaderMap, state: &AppState) -> bool {
 /// Chat over a WebSocket.
 #[utoipa::path(get, path = "/api/ws", tag = "chat", security(("bearer" = [])),
     params(("token" = Option<String>, Query, description = "Access token, for clients that cannot set headers")),
-    responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 401, body = ErrorBody)))]
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Cookie-authenticated from an origin that is not allowed")))]
 pub async fn chat_socket(
     State(state): State<Arc<AppState>>,
     SocketUser(user): SocketUser,

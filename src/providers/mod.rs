@@ -292,6 +292,11 @@ impl Providers {
             .map_or_else(|| context_window(model.model()), |&(_, n)| n)
     }
 
+    /// The configured providers, as model ids name them.
+    pub fn provider_names(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
     pub fn models(&self) -> Vec<ModelInfo> {
         let default = self.default_model.to_string();
         let mut items: Vec<ModelInfo> = self

@@ -20,7 +20,12 @@ db_tests!(
     redoc_is_served_with_its_own_script,
     unknown_routes_are_json_404,
     wrong_methods_are_json_405,
-    data_survives_a_restart,
+    data_survives_a_restart;
+    sqlite_only:
+    openapi_lists_the_same_paths,
+    openapi_states_the_statuses_every_route_shares,
+    openapi_states_the_limits_the_server_enforces,
+    documented_statuses_are_the_ones_answered,
 );
 
 async fn health_answers_ok(app: TestApp) {
@@ -259,4 +264,200 @@ async fn data_survives_a_restart(mut app: TestApp) {
     app.tick();
     app.say(&user, &id, "third").await;
     assert_eq!(app.provider.last_request().messages().len(), 6);
+}
+
+/// Every path of the document, so a route cannot vanish from it unnoticed.
+const DOCUMENTED_PATHS: &[&str] = &[
+    "/api/admin/users",
+    "/api/admin/users/{id}",
+    "/api/agent/active",
+    "/api/agent/queue",
+    "/api/agent/sessions",
+    "/api/agent/sessions/{id}/claim",
+    "/api/agent/sessions/{id}/close",
+    "/api/agent/sessions/{id}/messages",
+    "/api/agent/sessions/{id}/release",
+    "/api/auth/login",
+    "/api/auth/logout",
+    "/api/auth/refresh",
+    "/api/auth/register",
+    "/api/auth/sessions",
+    "/api/auth/sessions/{id}",
+    "/api/chat",
+    "/api/chat/stream",
+    "/api/conversations",
+    "/api/conversations/{id}",
+    "/api/conversations/{id}/messages",
+    "/api/conversations/{id}/messages/{message_id}/cancel",
+    "/api/conversations/{id}/messages/{message_id}/stream",
+    "/api/history",
+    "/api/models",
+    "/api/support/sessions",
+    "/api/support/sessions/{id}",
+    "/api/support/sessions/{id}/handoff",
+    "/api/support/sessions/{id}/messages",
+    "/api/users/me",
+    "/api/ws",
+    "/health",
+    "/metrics",
+    "/ready",
+    "/ws/agent",
+    "/ws/support/{session_id}",
+];
+
+/// `(path, method, operation)` for every operation of the document.
+fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+    let mut found = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            found.push((path.clone(), method.clone(), op.clone()));
+        }
+    }
+    found
+}
+
+fn statuses(op: &serde_json::Value) -> Vec<String> {
+    op["responses"].as_object().expect("responses").keys().cloned().collect()
+}
+
+/// Resolves a `$ref` to a component schema; other schemas as they are.
+fn resolve<'a>(doc: &'a serde_json::Value, schema: &'a serde_json::Value) -> &'a serde_json::Value {
+    match schema["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/")) {
+        Some(name) => &doc["components"]["schemas"][name],
+        None => schema,
+    }
+}
+
+async fn openapi_lists_the_same_paths(app: TestApp) {
+    let doc = app.get("/openapi.json").fetch().await.body;
+    let paths: Vec<&str> = doc["paths"].as_object().expect("paths").keys().map(String::as_str).collect();
+    assert_eq!(paths, DOCUMENTED_PATHS);
+}
+
+async fn openapi_states_the_statuses_every_route_shares(app: TestApp) {
+    let doc = app.get("/openapi.json").fetch().await.body;
+    for (path, method, op) in operations(&doc) {
+        let what = format!("{} {path}", method.to_uppercase());
+        let has = statuses(&op);
+        let expect = |status: &str, why: &str| {
+            assert!(has.iter().any(|s| s == status), "{what} lacks {status} ({why}): {has:?}")
+        };
+        expect("400", "malformed requests");
+        let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+        if secured {
+            expect("401", "it needs credentials");
+            if method != "get" {
+                expect("403", "cookie requests need the CSRF header");
+            }
+        }
+        if !op["requestBody"].is_null() {
+            for (status, why) in [("413", "a body"), ("415", "a JSON body"), ("422", "a validated body")] {
+                expect(status, why);
+            }
+        }
+        let params = op["parameters"].as_array().cloned().unwrap_or_default();
+        for p in params.iter().filter(|p| p["in"] == "path") {
+            expect("404", "a path id");
+            if !path.starts_with("/ws/") {
+                expect("422", "a path id that is not a UUID");
+            }
+            assert_eq!(p["schema"]["format"], "uuid", "{what}: path parameter {}", p["name"]);
+        }
+        if path.contains("ws") {
+            let no_upgrade = &op["responses"]["400"]["content"];
+            assert!(
+                no_upgrade.get("text/plain").is_some(),
+                "{what}: 400 without an upgrade is plain text: {no_upgrade}"
+            );
+        }
+        if !path.starts_with("/health") && !path.starts_with("/metrics") && !path.starts_with("/ready") {
+            expect("503", "the database may be down");
+        }
+    }
+    let mut ids: Vec<String> = operations(&doc).iter().map(|(_, _, op)| op["operationId"].to_string()).collect();
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "operation ids are unique");
+    let register = statuses(&doc["paths"]["/api/auth/register"]["post"]);
+    assert!(register.contains(&"429".to_owned()), "registrations are rate limited: {register:?}");
+}
+
+async fn openapi_states_the_limits_the_server_enforces(mut app: TestApp) {
+    let doc = app.get("/openapi.json").fetch().await.body;
+    let schemas = &doc["components"]["schemas"];
+    let param = |path: &str, name: &str| -> serde_json::Value {
+        let params = doc["paths"][path]["get"]["parameters"].as_array().expect("parameters").clone();
+        params.into_iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{path} has no {name}"))["schema"]
+            .clone()
+    };
+    for path in ["/api/conversations", "/api/history", "/api/admin/users", "/api/agent/sessions"] {
+        assert_eq!(
+            (param(path, "page")["minimum"].clone(), param(path, "page")["maximum"].clone()),
+            (json!(1), json!(1_000_000))
+        );
+        assert_eq!(
+            (param(path, "per_page")["minimum"].clone(), param(path, "per_page")["maximum"].clone()),
+            (json!(1), json!(100))
+        );
+    }
+    let limit = param("/api/conversations/{id}/messages", "limit");
+    assert_eq!((limit["minimum"].clone(), limit["maximum"].clone()), (json!(1), json!(100)));
+    let register = &schemas["RegisterBody"]["properties"];
+    assert_eq!(
+        (register["password"]["minLength"].clone(), register["password"]["maxLength"].clone()),
+        (json!(8), json!(128))
+    );
+    assert!(register["username"].to_string().contains(r"^[A-Za-z0-9_.-]{3,32}$"), "username: {}", register["username"]);
+    assert!(register["email"].to_string().contains(r#""format":"email""#), "email: {}", register["email"]);
+    assert!(schemas["RegisterBody"]["anyOf"].is_array(), "an email or a username is required");
+    let content = resolve(&doc, &schemas["PostMessageBody"]["properties"]["content"]);
+    assert_eq!((content["minLength"].clone(), content["maxLength"].clone()), (json!(1), json!(32_000)));
+    let model = resolve(&doc, &schemas["ModelId"]);
+    let pattern = model["pattern"].as_str().expect("model id pattern");
+    assert!(pattern.contains("openai") && !pattern.contains("gemini"), "only configured providers: {pattern}");
+
+    // The limits follow the configuration, and the server holds to them.
+    app.restart_with(|s| s.max_message_chars = 10).await;
+    let doc = app.get("/openapi.json").fetch().await.body;
+    assert_eq!(doc["components"]["schemas"]["MessageText"]["maxLength"], 10);
+    let user = app.signup().await;
+    let conversation = app.new_conversation(&user).await;
+    app.post_message(&user, &conversation, json!({ "content": "x".repeat(11) })).await.assert_invalid("content");
+    app.post_message(&user, &conversation, json!({ "content": "x".repeat(10) }))
+        .await
+        .assert_status(StatusCode::CREATED);
+}
+
+/// Sends each operation a request with a bad path id (or none), a valid
+/// token and an empty JSON object, and checks the answer is one its
+/// document lists.
+async fn documented_statuses_are_the_ones_answered(app: TestApp) {
+    let doc = app.get("/openapi.json").fetch().await.body;
+    let user = app.signup().await;
+    let ending = ["/api/auth/logout", "/api/users/me", "/api/auth/sessions/{id}"];
+    for (path, method, op) in operations(&doc) {
+        if ending.contains(&path.as_str()) && method != "get" {
+            continue;
+        }
+        let concrete: String = path
+            .split('/')
+            .map(|part| if part.starts_with('{') { "not-a-uuid" } else { part })
+            .collect::<Vec<_>>()
+            .join("/");
+        let mut request = app
+            .request(method.to_uppercase().parse().expect("method"), &concrete)
+            .header("authorization", format!("Bearer {}", user.token));
+        if !op["requestBody"].is_null() {
+            request = request.json(&json!({}));
+        }
+        let response = request.fetch().await;
+        let status = response.status.as_u16().to_string();
+        assert!(
+            statuses(&op).contains(&status),
+            "{} {concrete} answered {status}, which its document does not list: {}",
+            method.to_uppercase(),
+            response.text
+        );
+    }
 }

@@ -221,7 +221,7 @@ fn spawn_sweeper(state: Arc<AppState>, stop: CancellationToken) {
                 _ = tick.tick() => {}
             }
             let now = state.clock.now_ms();
-            if let Err(e) = state.store.fail_stale_streaming(INTERRUPTED, now - lease, now).await {
+            if let Err(e) = sweep_abandoned_replies(&state, now - lease, now).await {
                 tracing::warn!(error = %e, "sweeping abandoned replies failed");
             }
             if let Err(e) = state.store.purge_idempotency_keys(now).await {
@@ -229,6 +229,26 @@ fn spawn_sweeper(state: Arc<AppState>, stop: CancellationToken) {
             }
         }
     });
+}
+
+/// Fails replies whose heartbeat stopped, except those running here: one
+/// of ours may look stale only because the database was away, and it will
+/// store its own final state.
+async fn sweep_abandoned_replies(
+    state: &AppState,
+    stale_before: i64,
+    now: i64,
+) -> Result<(), crate::store::StoreError> {
+    let mut failed = 0;
+    for id in state.store.stale_streaming(stale_before, 500).await? {
+        if state.replies.get(&id).is_none() && state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await? {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        tracing::warn!(count = failed, "marked replies whose instance stopped as failed");
+    }
+    Ok(())
 }
 
 /// The database named by DATABASE_URL, or SQLite in the data directory.

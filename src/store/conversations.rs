@@ -355,6 +355,33 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Ids of `streaming` messages not written since `stale_before` (at most
+    /// `limit`): replies whose generator may be gone.
+    pub async fn stale_streaming(&self, stale_before: i64, limit: i64) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT id FROM messages WHERE status = 'streaming' AND updated_at < $1 LIMIT $2")
+            .bind(stale_before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    /// Marks one stale `streaming` message failed (if it still is); true when it was.
+    pub async fn fail_streaming(&self, id: &str, error: &str, stale_before: i64, now: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET status = 'failed', error = $1, error_code = 'interrupted', updated_at = $2 \
+             WHERE id = $3 AND status = 'streaming' AND updated_at < $4",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Saves the text a reply has so far; also proves its generator alive.
     /// Answers whether another instance asked for the reply to be cancelled.
     pub async fn save_partial(&self, id: &str, content: &str, now: i64) -> StoreResult<bool> {

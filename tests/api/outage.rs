@@ -119,6 +119,22 @@ async fn a_reply_finished_during_a_database_outage_is_stored_with_its_usage() {
     assert_eq!(app.provider.chunks_sent(), 20, "the provider finished its reply");
     tokio::time::sleep(Duration::from_secs(12)).await;
     proxy.restore();
+    // Its heartbeat stopped during the outage, but it runs here: the
+    // sweeper must not fail it before it stores its own final state.
+    let watcher = {
+        let database = app.database.clone();
+        let reply_id = reply_id.clone();
+        tokio::spawn(async move {
+            let failed = "SELECT COUNT(*) FROM messages WHERE id = $1 AND status = 'failed'";
+            for _ in 0..80 {
+                if database.scalar(failed, &[&reply_id]).await > 0 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        })
+    };
 
     let rest = stream.rest().await;
     let done = rest.last().expect("the stream ends with an event");
@@ -129,6 +145,7 @@ async fn a_reply_finished_during_a_database_outage_is_stored_with_its_usage() {
     let stored = app.settled_message(&user, &conversation, &reply_id, Duration::from_secs(10)).await;
     assert_eq!(stored["status"], "complete", "{stored}");
     assert_eq!(stored["content"], script.text().as_str());
+    assert!(!watcher.await.unwrap(), "the reply was marked failed while it was still being stored");
 
     // Day and month totals: both hold the reply's tokens.
     let expected = 2 * (MOCK_PROMPT_TOKENS + MOCK_COMPLETION_TOKENS);

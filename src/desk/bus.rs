@@ -27,18 +27,63 @@ use crate::redis_link::RedisLink;
 /// Events a slow socket may fall behind before it resynchronises from the log.
 const LOCAL_BUFFER: usize = 4096;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BusEvent {
-    pub session_id: String,
-    /// Position in the event log; `None` for ephemeral events (deltas,
-    /// queue changes) that are not replayed.
-    pub seq: Option<i64>,
-    /// `message`, `status`, `delta` or `queue`; `resync` asks every
-    /// instance to re-read the log.
-    pub kind: String,
-    pub payload: Value,
-    /// The agent holding the session when the event happened.
-    pub agent_id: Option<String>,
+/// What happened at the desk, as the bus carries it (and Redis, as JSON
+/// tagged by `kind`). `seq` is the event's place in the session's log;
+/// `agent_id` the agent holding the session when it happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BusEvent {
+    /// A message of a session (logged).
+    Message { session_id: String, seq: i64, agent_id: Option<String>, message: Value },
+    /// A session's status changed (logged).
+    Status { session_id: String, seq: i64, agent_id: Option<String>, session: Value },
+    /// Text of an AI reply as it is written (not logged: the reply's
+    /// message is, once it is finished).
+    Delta { session_id: String, message_id: String, text: String },
+    /// Queue positions and the agents' queue view changed.
+    Queue,
+    /// Asks every instance to re-read the log: events may have been missed.
+    Resync,
+}
+
+impl BusEvent {
+    /// A logged event as the log holds it: `(kind, payload)`.
+    pub fn to_log(&self) -> Option<(&'static str, String)> {
+        match self {
+            BusEvent::Message { message, .. } => Some(("message", message.to_string())),
+            BusEvent::Status { session, .. } => Some(("status", session.to_string())),
+            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
+        }
+    }
+
+    /// A logged event read back from the log; `None` for a kind this
+    /// version does not know.
+    pub fn from_log(seq: i64, session_id: &str, kind: &str, payload: &str) -> Option<Self> {
+        let payload: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
+        let session_id = session_id.to_owned();
+        match kind {
+            "message" => Some(BusEvent::Message { session_id, seq, agent_id: None, message: payload }),
+            "status" => Some(BusEvent::Status { session_id, seq, agent_id: None, session: payload }),
+            _ => None,
+        }
+    }
+
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            BusEvent::Message { session_id, .. }
+            | BusEvent::Status { session_id, .. }
+            | BusEvent::Delta { session_id, .. } => Some(session_id),
+            BusEvent::Queue | BusEvent::Resync => None,
+        }
+    }
+
+    /// The event's place in the log, for logged events.
+    pub fn seq(&self) -> Option<i64> {
+        match self {
+            BusEvent::Message { seq, .. } | BusEvent::Status { seq, .. } => Some(*seq),
+            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
+        }
+    }
 }
 
 /// What a subscriber receives.
@@ -142,38 +187,38 @@ struct Local {
 
 impl Local {
     fn send(&self, message: BusMessage) {
-        let event = match &message {
-            BusMessage::Resync => None,
-            BusMessage::Event(e) => Some(e.clone()),
-        };
-        let Some(event) = event else {
+        let everyone = |message: BusMessage| {
+            // Before the sockets hear of it, so none reads a stale queue snapshot.
             self.queue_generation.fetch_add(1, Ordering::SeqCst);
             let _ = self.agents.send(message.clone());
             let _ = self.clients.send(message);
-            return;
         };
-        match event.kind.as_str() {
-            "queue" => {
-                // Before the sockets hear of it, so none reads a stale snapshot.
-                self.queue_generation.fetch_add(1, Ordering::SeqCst);
-                let _ = self.agents.send(message.clone());
-                let _ = self.clients.send(message);
+        let event = match &message {
+            BusMessage::Resync => return everyone(message),
+            BusMessage::Event(e) => e.clone(),
+        };
+        let topics = || self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let to_session = |topics: &std::collections::HashMap<String, broadcast::Sender<BusMessage>>, id: &str| {
+            if let Some(topic) = topics.get(&format!("session:{id}")) {
+                let _ = topic.send(message.clone());
             }
-            kind => {
-                if kind == "status" {
-                    let _ = self.agents.send(message.clone());
-                }
-                let topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(topic) = topics.get(&format!("session:{}", event.session_id)) {
+        };
+        match event.as_ref() {
+            BusEvent::Queue => everyone(message),
+            BusEvent::Resync => everyone(BusMessage::Resync),
+            // Every agent console shows every session's status.
+            BusEvent::Status { session_id, .. } => {
+                let _ = self.agents.send(message.clone());
+                to_session(&topics(), session_id);
+            }
+            BusEvent::Message { session_id, agent_id, .. } => {
+                let topics = topics();
+                to_session(&topics, session_id);
+                if let Some(topic) = agent_id.as_ref().and_then(|a| topics.get(&format!("agent:{a}"))) {
                     let _ = topic.send(message.clone());
                 }
-                if kind != "status"
-                    && let Some(agent) = &event.agent_id
-                    && let Some(topic) = topics.get(&format!("agent:{agent}"))
-                {
-                    let _ = topic.send(message);
-                }
             }
+            BusEvent::Delta { session_id, .. } => to_session(&topics(), session_id),
         }
     }
 
@@ -235,9 +280,7 @@ async fn publish_loop(
     stop: CancellationToken,
 ) {
     let link = RedisLink::new(client, PUBLISH_WAIT, "support events");
-    let resync =
-        BusEvent { session_id: String::new(), seq: None, kind: "resync".into(), payload: Value::Null, agent_id: None };
-    let resync = serde_json::to_string(&resync).unwrap_or_default();
+    let resync = serde_json::to_string(&BusEvent::Resync).unwrap_or_default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         let event = tokio::select! {
@@ -297,7 +340,7 @@ async fn subscribe_loop(client: redis::Client, channel: String, local: Local, st
                     let Some(msg) = next else { break };
                     let Ok(text) = msg.get_payload::<String>() else { continue };
                     match serde_json::from_str::<BusEvent>(&text) {
-                        Ok(event) if event.kind == "resync" => local.send(BusMessage::Resync),
+                        Ok(BusEvent::Resync) => local.send(BusMessage::Resync),
                         Ok(event) => local.send(BusMessage::Event(Arc::new(event))),
                         Err(_) => {}
                     }
@@ -320,20 +363,43 @@ mod tests {
     use super::*;
 
     fn event(kind: &str, session: &str, agent: Option<&str>) -> BusEvent {
-        BusEvent {
-            session_id: session.into(),
-            seq: Some(1),
-            kind: kind.into(),
-            payload: Value::Null,
-            agent_id: agent.map(str::to_owned),
+        let (session_id, agent_id) = (session.to_owned(), agent.map(str::to_owned));
+        match kind {
+            "message" => BusEvent::Message { session_id, seq: 1, agent_id, message: Value::Null },
+            "status" => BusEvent::Status { session_id, seq: 1, agent_id, session: Value::Null },
+            "queue" => BusEvent::Queue,
+            other => panic!("no test event of kind {other}"),
         }
+    }
+
+    fn kind(e: &BusEvent) -> &'static str {
+        match e {
+            BusEvent::Message { .. } => "message",
+            BusEvent::Status { .. } => "status",
+            BusEvent::Delta { .. } => "delta",
+            BusEvent::Queue => "queue",
+            BusEvent::Resync => "resync",
+        }
+    }
+
+    #[test]
+    fn events_travel_tagged_by_kind_and_come_back_from_the_log() {
+        let e = event("message", "s1", Some("a1"));
+        let wire = serde_json::to_value(&e).unwrap();
+        assert_eq!(wire["kind"], "message");
+        assert_eq!(serde_json::from_value::<BusEvent>(wire).unwrap(), e);
+        let (kind, payload) = e.to_log().unwrap();
+        let back = BusEvent::from_log(1, "s1", kind, &payload).unwrap();
+        assert_eq!((back.seq(), back.session_id()), (Some(1), Some("s1")));
+        assert!(BusEvent::Queue.to_log().is_none());
+        assert!(BusEvent::from_log(2, "s1", "from-a-newer-version", "{}").is_none());
     }
 
     /// The next message within a moment, if any.
     async fn next(sub: &mut Subscription) -> Option<String> {
         let m = tokio::time::timeout(Duration::from_millis(50), sub.recv()).await.ok().flatten()?;
         Some(match m {
-            BusMessage::Event(e) => format!("{} {}", e.kind, e.session_id),
+            BusMessage::Event(e) => format!("{} {}", kind(&e), e.session_id().unwrap_or_default()),
             BusMessage::Resync => "resync".into(),
         })
     }

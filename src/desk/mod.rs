@@ -118,15 +118,23 @@ pub fn message_json(session_id: &str, m: &MessageRecord) -> Value {
     })
 }
 
+/// What lasts of a session: its messages and its status changes.
+enum Lasting {
+    Message(Value),
+    Status(Value),
+}
+
 /// Logs and publishes a lasting event of a session.
-async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload: Value) -> Result<(), Error> {
+async fn record(state: &AppState, s: &SupportSessionRecord, what: Lasting) -> Result<(), Error> {
+    let (kind, payload) = match &what {
+        Lasting::Message(v) => ("message", v),
+        Lasting::Status(v) => ("status", v),
+    };
     let seq = state.store.append_support_event(&s.id, kind, &payload.to_string(), state.clock.now_ms()).await?;
-    let event = BusEvent {
-        session_id: s.id.clone(),
-        seq: Some(seq),
-        kind: kind.to_owned(),
-        payload,
-        agent_id: s.assigned_agent.clone(),
+    let (session_id, agent_id) = (s.id.clone(), s.assigned_agent.clone());
+    let event = match what {
+        Lasting::Message(message) => BusEvent::Message { session_id, seq, agent_id, message },
+        Lasting::Status(session) => BusEvent::Status { session_id, seq, agent_id, session },
     };
     state.support.bus.publish(event);
     Ok(())
@@ -136,16 +144,14 @@ async fn record(state: &AppState, s: &SupportSessionRecord, kind: &str, payload:
 async fn status_changed(state: &AppState, id: &str) -> Result<SupportSessionRecord, Error> {
     let s = state.store.support_session(id).await?.ok_or(Error::NotFound)?;
     let session = session_json(state, &s).await?;
-    record(state, &s, "status", session).await?;
+    record(state, &s, Lasting::Status(session)).await?;
     queue_changed(state).await;
     Ok(s)
 }
 
 /// Tells every instance that queue positions and the agents' queue view changed.
 pub async fn queue_changed(state: &AppState) {
-    let event =
-        BusEvent { session_id: String::new(), seq: None, kind: "queue".into(), payload: Value::Null, agent_id: None };
-    state.support.bus.publish(event);
+    state.support.bus.publish(BusEvent::Queue);
     metrics::gauge!("palaver_support_queue_length")
         .set(state.store.support_queue().await.map_or(0, |q| q.len()) as f64);
 }
@@ -238,7 +244,7 @@ pub async fn client_send(
             };
             return Ok(ClientSend { message: stored.user_message, reply });
         }
-        record(state, s, "message", message_json(&s.id, &stored.user_message)).await?;
+        record(state, s, Lasting::Message(message_json(&s.id, &stored.user_message))).await?;
         if wants_human {
             handoff(state, s).await?;
         }
@@ -261,7 +267,7 @@ pub async fn client_send(
         let reply = replies::finished(state.clone(), sent.assistant_message).await.map(|m| m.as_ref().clone());
         return Ok(ClientSend { message: sent.user_message, reply });
     }
-    record(state, s, "message", message_json(&s.id, &sent.user_message)).await?;
+    record(state, s, Lasting::Message(message_json(&s.id, &sent.user_message))).await?;
     // Detached, so the reply is streamed and logged even if this request's
     // client goes away.
     let forwarding = tokio::spawn(forward_reply(state.clone(), s.clone(), sent.assistant_message));
@@ -283,13 +289,11 @@ async fn forward_reply(
     while let Some(event) = events.next().await {
         match event {
             ReplyEvent::Delta { text, .. } => {
-                let payload = json!({ "message_id": message_id, "text": text });
-                let event =
-                    BusEvent { session_id: s.id.clone(), seq: None, kind: "delta".into(), payload, agent_id: None };
+                let event = BusEvent::Delta { session_id: s.id.clone(), message_id: message_id.clone(), text };
                 state.support.bus.publish(event);
             }
             ReplyEvent::Finished(m) => {
-                if let Err(e) = record(&state, &s, "message", message_json(&s.id, &m)).await {
+                if let Err(e) = record(&state, &s, Lasting::Message(message_json(&s.id, &m))).await {
                     tracing::warn!(error = e.to_string().as_str(), "could not log a support reply");
                 }
                 return Some(m.as_ref().clone());
@@ -368,7 +372,7 @@ pub async fn agent_send(
 ) -> Result<MessageRecord, Error> {
     let s = held_by(state, agent_id, id).await?;
     let message = insert(state, &s, &uuid::Uuid::now_v7().to_string(), MessageRole::Agent, content.as_str()).await?;
-    record(state, &s, "message", message_json(&s.id, &message)).await?;
+    record(state, &s, Lasting::Message(message_json(&s.id, &message))).await?;
     Ok(message)
 }
 

@@ -310,42 +310,44 @@ async fn replay(state: &AppState, side: &Side, out: &Out, seen: &mut Seen) -> bo
 
 /// A logged event as this side's frame; false when the socket should end.
 async fn send_logged(state: &AppState, side: &Side, out: &Out, e: &SupportEventRecord) -> bool {
-    let payload: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
-    frame_for(state, side, out, &e.session_id, &e.kind, &payload, Some(e.seq)).await
+    match BusEvent::from_log(e.seq, &e.session_id, &e.kind, &e.payload) {
+        Some(event) => frame_for(state, side, out, &event).await,
+        None => true,
+    }
 }
 
-async fn frame_for(
-    state: &AppState,
-    side: &Side,
-    out: &Out,
-    session_id: &str,
-    kind: &str,
-    payload: &Value,
-    seq: Option<i64>,
-) -> bool {
-    match (side, kind) {
-        (Side::Client { .. }, "message") => {
-            send(out, json!({ "type": "message", "message": payload, "event_id": seq }))
+async fn frame_for(state: &AppState, side: &Side, out: &Out, event: &BusEvent) -> bool {
+    match (side, event) {
+        (Side::Client { .. }, BusEvent::Message { message, seq, .. }) => {
+            send(out, json!({ "type": "message", "message": message, "event_id": seq }))
         }
-        (Side::Client { .. }, "delta") => {
-            send(out, json!({ "type": "delta", "message_id": payload["message_id"], "text": payload["text"] }))
+        (Side::Client { .. }, BusEvent::Delta { message_id, text, .. }) => {
+            send(out, json!({ "type": "delta", "message_id": message_id, "text": text }))
         }
-        (Side::Client { .. }, "status") => {
-            let ok = send_status(out, status_frame(payload, seq), seq.is_some());
-            if payload["status"] == "closed" {
-                let reason = Utf8Bytes::from_static("support session closed");
-                out.outbox.send_message(Message::Close(Some(CloseFrame { code: 1000, reason })));
-                return false;
-            }
-            ok
+        (Side::Client { .. }, BusEvent::Status { session, seq, .. }) => client_status(out, session, Some(*seq)),
+        (Side::Agent { .. }, BusEvent::Message { session_id, message, seq, .. }) => {
+            send(out, json!({ "type": "message", "session_id": session_id, "message": message, "event_id": seq }))
         }
-        (Side::Agent { .. }, "message") => {
-            send(out, json!({ "type": "message", "session_id": session_id, "message": payload, "event_id": seq }))
+        (Side::Agent { .. }, BusEvent::Status { session, seq, .. }) => {
+            send(out, json!({ "type": "session", "session": session, "event_id": seq }))
         }
-        (Side::Agent { .. }, "status") => send(out, json!({ "type": "session", "session": payload, "event_id": seq })),
-        (_, "queue") => queue_update(state, side, out).await,
-        _ => true,
+        // Consoles see a reply once it is finished.
+        (Side::Agent { .. }, BusEvent::Delta { .. }) => true,
+        (_, BusEvent::Queue) => queue_update(state, side, out).await,
+        // The bus hands these to its subscribers as `BusMessage::Resync`.
+        (_, BusEvent::Resync) => true,
     }
+}
+
+/// A visitor's status frame; a closed session's socket ends with it.
+fn client_status(out: &Out, session: &Value, seq: Option<i64>) -> bool {
+    let ok = send_status(out, status_frame(session, seq), seq.is_some());
+    if session["status"] == "closed" {
+        let reason = Utf8Bytes::from_static("support session closed");
+        out.outbox.send_message(Message::Close(Some(CloseFrame { code: 1000, reason })));
+        return false;
+    }
+    ok
 }
 
 /// The visitor's `status` frame, from a session's JSON.
@@ -365,22 +367,22 @@ fn status_frame(session: &Value, seq: Option<i64>) -> Value {
 /// failed publish all end in a resync from the log), so a live event costs
 /// no database read; gaps in the ids are other sessions' events.
 async fn deliver(state: &AppState, side: &Side, out: &Out, e: Arc<BusEvent>, seen: &mut Seen) -> bool {
-    let concerns_me = match side {
-        Side::Client { session_id } => e.kind == "queue" || e.session_id == *session_id,
-        Side::Agent { id, .. } => match e.kind.as_str() {
-            "queue" | "status" => true,
-            _ => e.agent_id.as_deref() == Some(id.as_str()),
-        },
+    let concerns_me = match (side, e.as_ref()) {
+        (_, BusEvent::Queue) => true,
+        (Side::Client { session_id }, e) => e.session_id() == Some(session_id.as_str()),
+        (Side::Agent { .. }, BusEvent::Status { .. }) => true,
+        (Side::Agent { id, .. }, BusEvent::Message { agent_id, .. }) => agent_id.as_deref() == Some(id.as_str()),
+        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Resync) => false,
     };
     if !concerns_me {
         return true;
     }
-    if let Some(seq) = e.seq
+    if let Some(seq) = e.seq()
         && !seen.first_time(seq)
     {
         return true;
     }
-    frame_for(state, side, out, &e.session_id, &e.kind, &e.payload, e.seq).await
+    frame_for(state, side, out, &e).await
 }
 
 /// On connect: the client's current status, or the agent's queue snapshot.
@@ -389,7 +391,7 @@ async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) => {
                 let Ok(payload) = session_json(state, &s).await else { return true };
-                frame_for(state, side, out, session_id, "status", &payload, None).await
+                client_status(out, &payload, None)
             }
             _ => false,
         },

@@ -79,6 +79,14 @@ impl FramingScanner {
         }
     }
 
+    /// Follows nothing more on this connection (it switched protocols).
+    pub fn stop(&mut self) {
+        if self.state != State::Off {
+            self.state = State::Off;
+            self.buf = Vec::new();
+        }
+    }
+
     /// Collects one line (without its line end) across reads.
     fn line<'a>(&mut self, input: &'a [u8]) -> Option<(Vec<u8>, &'a [u8])> {
         match input.iter().position(|&b| b == b'\n') {

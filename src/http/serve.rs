@@ -22,7 +22,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -249,7 +249,11 @@ async fn handle(
     }
     req.extensions_mut().insert(ConnectInfo(peer));
     let req = req.map(|body| Body::new(WatchedBody { body, work }));
-    router.oneshot(req).await
+    let Ok(response) = router.oneshot(req).await;
+    if response.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        shared.upgraded.store(true, Ordering::Release);
+    }
+    Ok(response)
 }
 
 /// What a connection's IO, its requests and its watchdog share.
@@ -261,6 +265,8 @@ struct Shared {
     busy: AtomicUsize,
     /// One entry per request head read, in order: is its length ambiguous?
     verdicts: Mutex<VecDeque<bool>>,
+    /// Set once the connection switched protocols: its bytes are no longer HTTP.
+    upgraded: AtomicBool,
 }
 
 impl Shared {
@@ -270,6 +276,7 @@ impl Shared {
             last_activity_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             verdicts: Mutex::new(VecDeque::new()),
+            upgraded: AtomicBool::new(false),
         }
     }
 
@@ -319,6 +326,10 @@ impl AsyncRead for Watched {
         let read = &buf.filled()[before..];
         if !read.is_empty() {
             this.shared.touch();
+            if this.shared.upgraded.load(Ordering::Acquire) {
+                this.framing.stop();
+                return polled;
+            }
             let shared = &this.shared;
             this.framing.feed(read, &mut |ambiguous| {
                 shared.verdicts.lock().unwrap_or_else(|e| e.into_inner()).push_back(ambiguous);

@@ -1,6 +1,6 @@
 //! Connections (issue #8): a client that sends nothing, or a head too slowly,
-//! is closed after the header-read timeout; busy streams and sockets outlive
-//! the idle timeout; under a low open-file limit the server caps its
+//! is closed after the header-read timeout, a stalled upload after the idle
+//! timeout; busy streams, sockets and handlers outlive the idle timeout; under a low open-file limit the server caps its
 //! connections, waits out EMFILE without spinning and still answers once the
 //! idle ones are gone; oversized and ambiguous bodies are answered at once.
 //! Over raw TCP, against the real binary where its file limit matters.
@@ -117,6 +117,25 @@ async fn silent_and_slowloris_connections_are_closed_after_the_header_timeout() 
     assert!(closed_within(&mut kept, Duration::from_secs(5)).await.is_some(), "an idle keep-alive connection stays");
     let (mut slowloris, cut) = dripping.await.unwrap();
     assert!(cut || closed_within(&mut slowloris, Duration::from_secs(1)).await.is_some(), "the slowloris stays");
+    app.get("/health").fetch().await.assert_status(StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_is_closed_after_the_idle_timeout() {
+    let Some(app) = spawn_process_app_with(Db::Sqlite, |s| {
+        s.header_read_timeout = 600;
+        s.idle_timeout = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut stream = connect(&app).await;
+    let head = "POST /api/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\n\r\n{\"email\": ";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The handler waits for the rest of the body, which never comes.
+    assert!(closed_within(&mut stream, Duration::from_secs(10)).await.is_some(), "the stalled upload stays open");
     app.get("/health").fetch().await.assert_status(StatusCode::OK);
 }
 

@@ -31,7 +31,8 @@ pub struct PasswordHasher {
 
 impl PasswordHasher {
     pub fn new() -> Self {
-        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        // One per core: more would not finish sooner, only hold more memory.
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         let salt = SaltString::encode_b64(b"palaver-dummy-salt").expect("static salt is valid");
         let dummy = Argon2::default()
             .hash_password(b"palaver dummy password", &salt)

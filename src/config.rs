@@ -264,6 +264,25 @@ If you cannot help, tell the visitor they can ask to talk to a human agent.",
     /// Seconds that open requests get to finish after SIGTERM.
     #[arg(long, env = "PALAVER_SHUTDOWN_GRACE", default_value_t = 30, global = true)]
     pub shutdown_grace: u64,
+
+    /// Seconds a client has to send a whole request head, counted from when
+    /// the server starts waiting for one: on a new connection and after each
+    /// response, so this is also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "PALAVER_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
+    pub header_read_timeout: u64,
+
+    /// Seconds without a byte in either direction after which a connection is
+    /// closed, unless a handler is still working on its request (a stalled
+    /// upload, a client that stopped reading its answer). Keep it above the
+    /// 15 s SSE keep-alive so quiet streams stay open.
+    #[arg(long, env = "PALAVER_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
+    pub idle_timeout: u64,
+
+    /// Most connections served at once; more wait in the listen backlog until
+    /// one closes. Default: the open-file limit less a reserve for the
+    /// database, files and connections to the LLM providers.
+    #[arg(long, env = "PALAVER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_connections: Option<u64>,
 }
 
 /// A proxy address (`10.1.2.3`, `::1`) or range (`10.0.0.0/8`).

@@ -77,31 +77,8 @@ impl Application {
                 _ = termination_signal() => tracing::info!("shutdown requested; draining open requests"),
             }
         };
-        let drained = CancellationToken::new();
-        let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's
-        // algorithm holds them back for the peer's delayed ACK (~40 ms).
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, app).with_graceful_shutdown({
-            let drained = drained.clone();
-            async move {
-                signal.await;
-                drained.cancel();
-            }
-        });
-        let server = tokio::spawn(async move { serve.await });
-        tokio::pin!(server);
-        tokio::select! {
-            res = &mut server => { res??; }
-            _ = async { drained.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("grace period over; closing remaining connections");
-                server.abort();
-            }
-        }
+        let limits = http::serve::Limits::from_settings(&self.state.settings);
+        http::serve::serve(self.listener, router, limits, signal, grace).await;
         if !self.state.replies.drain(grace).await {
             tracing::warn!(
                 running = self.state.replies.running(),

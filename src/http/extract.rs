@@ -194,21 +194,26 @@ pub async fn read_body<S: Send + Sync>(req: Request, _state: &S) -> Result<Bytes
 
 /// How much of an oversized body is read and discarded, and for how long.
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Reads and discards the rest of a body, within `DRAIN_LIMIT` and `DRAIN_TIME`.
+/// Reads and discards the rest of a body, within `DRAIN_LIMIT` and
+/// `DRAIN_TIME`, in the background: it returns at once, so the answer is
+/// not delayed, and the reading lets the client receive that answer (a
+/// socket closed with unread data in it is reset, answer and all).
 pub async fn drain(mut body: axum::body::Body) {
     use http_body_util::BodyExt;
-    let discard = async {
-        let mut seen = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > DRAIN_LIMIT {
-                break;
+    tokio::spawn(async move {
+        let discard = async {
+            let mut seen = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len());
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+    });
 }
 
 /// Deserializes a JSON object body, mapping serde's errors onto 400 and 422

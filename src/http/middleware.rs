@@ -1,7 +1,7 @@
 //! Cross-cutting layers: the access log line and request metrics (labelled
 //! by matched route, never the raw path, which may carry a token), the early
-//! 413 for oversized bodies, client request ids kept to a sane shape,
-//! security headers, the panic guard and CORS.
+//! 413 for oversized bodies and 400 for ambiguous ones, client request ids
+//! kept to a sane shape, security headers, the panic guard and CORS.
 
 use std::time::Instant;
 
@@ -100,19 +100,36 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
     response
 }
 
-/// Refuses a body announced as too large without buffering it (it is read
-/// and discarded so the client receives the answer); bodies without a
-/// length are checked as they are read.
+/// Refuses at once, and closes the connection after the answer: a head
+/// that names both a length and a transfer coding (400: proxies in front
+/// may read its body differently, the shape of request smuggling), and a
+/// body announced as over the limit (413, without waiting for it). Bodies
+/// without a length are checked as they are read.
 pub async fn reject_large_bodies(req: Request, next: Next) -> Response {
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+    let refusal = if req.extensions().get::<super::serve::AmbiguousLength>().is_some() {
+        ApiError::bad_request(
+            "ambiguous_body_length",
+            "A request may carry Content-Length or Transfer-Encoding, not both.",
+        )
+    } else if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        ApiError::PayloadTooLarge
+    } else {
+        return next.run(req).await;
+    };
+    // Reading the body is what asks a client that sent `Expect:
+    // 100-continue` to send it, so such a body is left alone; any other is
+    // read on in the background so the client sees the answer instead of
+    // a connection reset.
+    let expects_continue =
+        req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue {
         super::extract::drain(req.into_body()).await;
-        let mut response = ApiError::PayloadTooLarge.into_response();
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
     }
-    next.run(req).await
+    let mut response = refusal.into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// A panic in a handler is a bug; the client still gets our error format.

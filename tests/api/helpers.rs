@@ -265,11 +265,21 @@ pub async fn spawn_process_app(db: Db) -> Option<TestApp> {
 
 /// `spawn_process_app` with changed settings (e.g. a `redis_url`).
 pub async fn spawn_process_app_with(db: Db, change: impl FnOnce(&mut Settings)) -> Option<TestApp> {
+    spawn_limited_process_app(db, None, change).await
+}
+
+/// `spawn_process_app_with`, the server started with this open-file limit
+/// (soft and hard, so it cannot raise it); a restart drops the limit.
+pub async fn spawn_limited_process_app(
+    db: Db,
+    open_files: Option<u64>,
+    change: impl FnOnce(&mut Settings),
+) -> Option<TestApp> {
     let (mut settings, data_dir, database, clock, provider) = test_settings(db).await?;
     settings.stream_flush_ms = 100;
     settings.log_level = "warn".into();
     change(&mut settings);
-    let server = start_process(&settings, 0).await;
+    let server = start_process_limited(&settings, 0, open_files).await;
     Some(TestApp {
         address: format!("http://127.0.0.1:{}", server.port),
         port: server.port,
@@ -360,6 +370,10 @@ async fn start_server(settings: Settings, clock: ManualClock) -> Server {
 /// else from ours) on a free port, and waits until it answers `/health`.
 /// Its log goes to `server-<n>.log` in the data dir.
 async fn start_process(settings: &Settings, n: usize) -> Server {
+    start_process_limited(settings, n, None).await
+}
+
+async fn start_process_limited(settings: &Settings, n: usize, open_files: Option<u64>) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let log_path = settings.data_dir.join(format!("server-{n}.log"));
     let log = std::fs::File::create(&log_path).expect("create the server log");
@@ -371,6 +385,15 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
     }
     if let Some(redis) = &settings.redis_url {
         command.env("REDIS_URL", redis.expose()).env("PALAVER_REDIS_PREFIX", &settings.redis_prefix);
+    }
+    if let Some(max) = settings.max_connections {
+        command.env("PALAVER_MAX_CONNECTIONS", max.to_string());
+    }
+    if let Some(limit) = open_files {
+        // SAFETY: setrlimit is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, limit, limit));
+        }
     }
     let child = command
         .arg("serve")
@@ -386,6 +409,8 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
         .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.provider_idle_timeout.to_string())
         .env("PALAVER_STREAM_FLUSH_MS", settings.stream_flush_ms.to_string())
         .env("PALAVER_SHUTDOWN_GRACE", settings.shutdown_grace.to_string())
+        .env("PALAVER_HEADER_READ_TIMEOUT", settings.header_read_timeout.to_string())
+        .env("PALAVER_IDLE_TIMEOUT", settings.idle_timeout.to_string())
         .env("RUST_LOG", &settings.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.
@@ -450,6 +475,27 @@ impl TestApp {
     pub async fn kill_server(&mut self) {
         let Running::Process(child) = &mut self.server.run else { panic!("only a server process can be killed") };
         child.kill().await.expect("SIGKILL the server process");
+    }
+
+    /// SIGTERM to the server process; true once it has exited, within `within`.
+    pub async fn terminate_server(&mut self, within: Duration) -> bool {
+        let Running::Process(child) = &mut self.server.run else { panic!("only a server process gets signals") };
+        let pid = child.id().expect("the server process is running");
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid} failed");
+        tokio::time::timeout(within, child.wait()).await.is_ok()
+    }
+
+    /// The server process's id.
+    pub fn server_pid(&self) -> u32 {
+        let Running::Process(child) = &self.server.run else { panic!("only a server process has a pid of its own") };
+        child.id().expect("the server process is running")
+    }
+
+    /// The server process's log so far (its log lines and anything it printed).
+    pub fn server_log(&self) -> String {
+        let path = self.settings.data_dir.join(format!("server-{}.log", self.restarts));
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// The server process's resident memory in KiB (`VmRSS`).

@@ -485,7 +485,7 @@ impl Store {
     }
 }
 
-async fn insert_conversation(conn: &mut sqlx::AnyConnection, c: &ConversationRecord) -> StoreResult<()> {
+pub(super) async fn insert_conversation(conn: &mut sqlx::AnyConnection, c: &ConversationRecord) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",

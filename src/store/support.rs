@@ -68,19 +68,7 @@ impl Store {
         token_hash: &str,
     ) -> StoreResult<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO conversations (id, user_id, title, system_prompt, model, message_count, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 0, $6, $6)",
-        )
-        .bind(&conversation.id)
-        .bind(&conversation.user_id)
-        .bind(&conversation.title)
-        .bind(&conversation.system_prompt)
-        .bind(&conversation.model)
-        .bind(conversation.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        super::conversations::insert_conversation(&mut tx, conversation).await?;
         sqlx::query(
             "INSERT INTO support_sessions (id, conversation_id, client_name, client_email, client_phone, \
              client_token_hash, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",

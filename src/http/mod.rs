@@ -60,10 +60,15 @@ pub struct AppState {
 }
 
 /// Failed logins counted per client address and per account (SPEC §6),
-/// across instances when Redis is configured.
+/// and registrations per client address, across instances when Redis is
+/// configured.
 pub struct LoginThrottle {
     pub per_address: crate::realtime::limits::Limiter,
     pub per_account: crate::realtime::limits::Limiter,
+    /// Built on first use, from the limit in the settings (this is made
+    /// before the settings reach the state).
+    registrations: std::sync::OnceLock<crate::realtime::limits::Limiter>,
+    shared: Option<Arc<crate::realtime::limits::SharedCounters>>,
 }
 
 impl LoginThrottle {
@@ -72,8 +77,17 @@ impl LoginThrottle {
         const WINDOW_MS: i64 = 15 * 60 * 1000;
         Self {
             per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
-            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
+            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared.clone()),
+            registrations: Default::default(),
+            shared,
         }
+    }
+
+    /// Registrations per client address and hour (`PALAVER_REGISTRATIONS_PER_IP`).
+    pub fn registrations(&self, per_hour: u32) -> &crate::realtime::limits::Limiter {
+        self.registrations.get_or_init(|| {
+            crate::realtime::limits::Limiter::new("registrations", per_hour, 60 * 60 * 1000, self.shared.clone())
+        })
     }
 }
 

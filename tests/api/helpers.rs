@@ -310,6 +310,8 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     settings.provider_idle_timeout = PROVIDER_TIMEOUT_SECS;
     settings.max_message_chars = 32_000;
     settings.shutdown_grace = 1;
+    // Every test registers its users from 127.0.0.1.
+    settings.registrations_per_ip = 100_000;
     Some((settings, data_dir, database, clock, provider))
 }
 
@@ -384,6 +386,7 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
         .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.provider_idle_timeout.to_string())
         .env("PALAVER_STREAM_FLUSH_MS", settings.stream_flush_ms.to_string())
         .env("PALAVER_SHUTDOWN_GRACE", settings.shutdown_grace.to_string())
+        .env("PALAVER_REGISTRATIONS_PER_IP", settings.registrations_per_ip.to_string())
         .env("RUST_LOG", &settings.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.

@@ -75,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         ("PALAVER_DATA_DIR", data_dir.path().display().to_string()),
         ("SECRET_KEY", "bench-secret-key-0123456789-0123456789-abcdef".into()),
         ("PALAVER_SUPPORT_SESSIONS_PER_IP", "1000000".into()),
+        // Every agent registers from here, and at saturation a console sends far more than a person would.
+        ("PALAVER_REGISTRATIONS_PER_IP", "1000000".into()),
+        ("PALAVER_SOCKET_FRAMES_PER_SECOND", "1000000".into()),
         ("RUST_LOG", "error".into()),
     ];
     let mut schema = None;

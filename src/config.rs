@@ -248,6 +248,17 @@ If you cannot help, tell the visitor they can ask to talk to a human agent.",
     #[arg(long, env = "PALAVER_SUPPORT_SESSIONS_PER_IP", default_value_t = 20, global = true)]
     pub support_sessions_per_ip: u32,
 
+    /// Accounts one client address may register per hour (shared across
+    /// instances with REDIS_URL).
+    #[arg(long, env = "PALAVER_REGISTRATIONS_PER_IP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub registrations_per_ip: u32,
+
+    /// Frames a client may send per second on one WebSocket, with bursts of
+    /// three times as many; past it frames are refused (`rate_limited`), and
+    /// a client that keeps on is disconnected (close code 1008).
+    #[arg(long, env = "PALAVER_SOCKET_FRAMES_PER_SECOND", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub socket_frames_per_second: u32,
+
     /// How often a streaming reply's partial text is saved, in milliseconds
     /// (at most this much is lost if the process is killed).
     #[arg(long, env = "PALAVER_STREAM_FLUSH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000), global = true)]

@@ -10,18 +10,22 @@ use std::{collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
 use crate::redis_link::RedisLink;
 
 /// Failed logins counted per client address and per account (SPEC §6),
-/// across instances when Redis is configured.
+/// and registrations per client address, across instances when Redis is
+/// configured.
 pub struct LoginThrottle {
     pub per_address: Limiter,
     pub per_account: Limiter,
+    /// Registrations per client address and hour (`PALAVER_REGISTRATIONS_PER_IP`).
+    pub registrations: Limiter,
 }
 
 impl LoginThrottle {
-    pub fn new(shared: Option<Arc<SharedCounters>>) -> Self {
+    pub fn new(shared: Option<Arc<SharedCounters>>, registrations_per_hour: u32) -> Self {
         const WINDOW_MS: i64 = 15 * 60 * 1000;
         Self {
             per_address: Limiter::new("login-address", 30, WINDOW_MS, shared.clone()),
-            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared),
+            per_account: Limiter::new("login-account", 10, WINDOW_MS, shared.clone()),
+            registrations: Limiter::new("registrations", registrations_per_hour, 60 * 60 * 1000, shared),
         }
     }
 }

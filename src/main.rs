@@ -78,6 +78,6 @@ fn raise_fd_limit() {
         && soft < hard
         && let Err(e) = rlimit::Resource::NOFILE.set(hard, hard)
     {
-        tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+        tracing::warn!(error = e.to_string().as_str(), soft, hard, "could not raise the open-file limit");
     }
 }

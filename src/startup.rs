@@ -145,6 +145,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::R
         settings.support_sessions_per_ip,
         counters.clone(),
     );
+    let login_throttle = crate::limits::LoginThrottle::new(counters, settings.registrations_per_ip);
     Ok(AppState {
         store,
         clock,
@@ -154,7 +155,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::R
         settings: Arc::new(settings),
         metrics: Some(metrics_handle()),
         replies: Default::default(),
-        login_throttle: crate::limits::LoginThrottle::new(counters),
+        login_throttle,
         support,
         redis,
         shutdown,
@@ -199,10 +200,10 @@ fn spawn_sweeper(state: Arc<AppState>, stop: CancellationToken) {
             }
             let now = state.clock.now_ms();
             if let Err(e) = sweep_abandoned_replies(&state, now - lease, now).await {
-                tracing::warn!(error = %e, "sweeping abandoned replies failed");
+                tracing::warn!(error = e.to_string().as_str(), "sweeping abandoned replies failed");
             }
             if let Err(e) = state.store.purge_idempotency_keys(now).await {
-                tracing::warn!(error = %e, "purging idempotency keys failed");
+                tracing::warn!(error = e.to_string().as_str(), "purging idempotency keys failed");
             }
         }
     });

@@ -75,7 +75,7 @@ pub fn follow(state: Arc<AppState>, message: MessageRecord, from: usize) -> impl
                 Ok(Some(m)) => m,
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading a followed reply failed");
+                    tracing::warn!(error = e.to_string().as_str(), "reading a followed reply failed");
                     tokio::time::sleep(REMOTE_POLL).await;
                     continue;
                 }

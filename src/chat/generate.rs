@@ -107,7 +107,7 @@ async fn keep_alive(state: Arc<AppState>, live: Arc<LiveReply>) {
         match state.store.save_partial(&live.message_id, &live.text(), state.clock.now_ms()).await {
             Ok(true) => live.cancel(),
             Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not save a reply's partial text"),
+            Err(e) => tracing::warn!(error = e.to_string().as_str(), "could not save a reply's partial text"),
         }
     }
 }
@@ -174,7 +174,7 @@ async fn finalize(
                 break;
             }
             Err(e) => {
-                tracing::error!(error = %e, attempt, "could not store a finished reply; retrying");
+                tracing::error!(error = e.to_string().as_str(), attempt, "could not store a finished reply; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_FINAL_WRITE_BACKOFF);
             }

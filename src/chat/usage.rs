@@ -44,10 +44,13 @@ impl UsageLedger {
         match store.add_usage(user_id, now_ms, prompt, completion).await {
             Ok(()) => {}
             Err(e) if e.is_constraint_violation() => {
-                tracing::warn!(error = %e, "usage of a user that no longer exists was not counted");
+                tracing::warn!(error = e.to_string().as_str(), "usage of a user that no longer exists was not counted");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not add to the user's usage totals; kept to retry");
+                tracing::warn!(
+                    error = e.to_string().as_str(),
+                    "could not add to the user's usage totals; kept to retry"
+                );
                 self.keep(user_id, now_ms, prompt, completion);
                 self.retry_in_background(store.clone());
             }
@@ -77,7 +80,10 @@ impl UsageLedger {
             match store.add_usage(&user_id, p.at_ms, p.prompt, p.completion).await {
                 Ok(()) => {}
                 Err(e) if e.is_constraint_violation() => {
-                    tracing::warn!(error = %e, "usage of a user that no longer exists was not counted");
+                    tracing::warn!(
+                        error = e.to_string().as_str(),
+                        "usage of a user that no longer exists was not counted"
+                    );
                 }
                 Err(_) => {
                     let mut pending = self.inner.pending.lock().expect("usage lock poisoned");

@@ -48,8 +48,18 @@ pub struct RegisterBody {
         (status = 429, body = ErrorBody, description = "Too many registrations from this address; see Retry-After")))]
 pub async fn register(
     State(state): State<Arc<AppState>>,
+    client: ClientIp,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
+    let limiter = &state.login_throttle.registrations;
+    let (address, now) = (client.key(), state.clock.now_ms());
+    if let Some(ms) = limiter.blocked_for(&address, now).await {
+        return Err(ApiError::TooManyRequests {
+            code: "rate_limited",
+            detail: "Too many accounts registered from this address; try again later.".into(),
+            retry_after_secs: (ms as u64).div_ceil(1000).max(1),
+        });
+    }
     let mut v = Validator::new();
     let email = v.check_opt("email", body.email.filter(|s| !s.trim().is_empty()), |s| Email::parse(&s)).flatten();
     let username = v.check_opt("username", body.username.filter(|s| !s.is_empty()), |s| Username::parse(&s)).flatten();
@@ -60,6 +70,8 @@ pub async fn register(
     }
     v.finish().map_err(ApiError::invalid)?;
     let password = password.expect("validated above");
+    // Counted before the insert: probing for taken emails counts too.
+    limiter.record(&address, now).await;
 
     let hash = state.hasher.hash(&password).await?;
     let user =

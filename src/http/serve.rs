@@ -137,7 +137,7 @@ pub async fn serve(
                 Err(e) => {
                     let pause = backoff.next();
                     if pause == Backoff::FIRST {
-                        tracing::warn!(error = %e, "accepting connections failed; retrying with a growing pause");
+                        tracing::warn!(error = e.to_string().as_str(), "accepting connections failed; retrying with a growing pause");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => continue,
@@ -150,7 +150,7 @@ pub async fn serve(
         // Streamed tokens are small writes: without TCP_NODELAY, Nagle's
         // algorithm holds them back for the peer's delayed ACK (~40 ms).
         if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            tracing::debug!(error = e.to_string().as_str(), "could not set TCP_NODELAY");
         }
         let connection = serve_connection(tcp, peer, slot, router.clone(), limits, drain.clone(), force.clone());
         connections.spawn(connection);
@@ -218,7 +218,7 @@ async fn serve_connection(
         tokio::select! {
             done = connection.as_mut() => {
                 if let Err(e) = done {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    tracing::debug!(error = e.to_string().as_str(), %peer, "connection ended with an error");
                 }
                 return;
             }

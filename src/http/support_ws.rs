@@ -2,7 +2,8 @@
 //! visitor (its client token as `?token=` or Bearer) and `GET /ws/agent` for
 //! agents (an access token, as on the chat socket). Both take `?since=<event id>` and first replay what the event log
 //! holds after it, then deliver live events from the bus; a bus resync
-//! re-reads the log, so nothing is missed or doubled.
+//! re-reads the log, so nothing is missed or doubled. Frames in are rate
+//! limited like the chat socket's.
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,7 +25,10 @@ use super::{
     error::ApiError,
     extract::{bearer, parse_uuid},
     views::ErrorBody,
-    ws::{Outbox, SocketUser, spawn_writer},
+    ws::{
+        Admit, CLOSE_POLICY_VIOLATION, FrameBudget, Outbox, SocketUser, close_for_read_error, close_message, drain,
+        rate_limited, spawn_writer,
+    },
 };
 use crate::{
     domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
@@ -119,6 +123,16 @@ pub async fn agent_socket(
     }
 }
 
+/// What the socket's reader hands the loop: a frame within budget, or why not.
+enum Incoming {
+    Text(Utf8Bytes),
+    Binary,
+    /// Over the frame budget: answered `rate_limited`.
+    Refused,
+    /// The socket ends with this close frame (a flood, an oversized frame).
+    Close(Message),
+}
+
 #[derive(Debug, Clone)]
 enum Side {
     Client { session_id: String },
@@ -204,16 +218,30 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     // The socket is read in a task of its own: the loop below wakes for bus
     // events, and polling the socket each time would cost a read attempt
     // (and its buffer set-up) per event.
-    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Result<Utf8Bytes, ()>>(16);
-    let reader = tokio::spawn(async move {
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Incoming>(16);
+    let mut budget = FrameBudget::new(state.settings.socket_frames_per_second);
+    let mut reader = tokio::spawn(async move {
         loop {
             let frame = match tokio::time::timeout(HEARTBEAT * 3, stream.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => Ok(t),
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Ok(Some(Ok(Message::Binary(_)))) => Err(()),
-                _ => break,
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
+                Ok(Some(Err(e))) => match close_for_read_error(e) {
+                    Some(close) => Incoming::Close(close),
+                    None => break,
+                },
+                Ok(Some(Ok(message))) => match (budget.admit(), message) {
+                    (Admit::Close, _) => Incoming::Close(close_message(CLOSE_POLICY_VIOLATION, "too many frames")),
+                    (Admit::Refuse, _) => Incoming::Refused,
+                    (Admit::Yes, Message::Text(t)) => Incoming::Text(t),
+                    (Admit::Yes, _) => Incoming::Binary,
+                },
             };
+            let last = matches!(frame, Incoming::Close(_));
             if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+            if last {
+                drain(&mut stream).await;
                 break;
             }
         }
@@ -225,11 +253,16 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
         tokio::select! {
             _ = closed.cancelled() => break,
             incoming = frames.recv() => match incoming {
-                Some(Ok(text)) => match serde_json::from_str::<Frame>(text.as_str()) {
+                Some(Incoming::Text(text)) => match serde_json::from_str::<Frame>(text.as_str()) {
                     Ok(frame) => handle(&state, &side, &out, frame),
                     Err(e) => send_error(&out, &ApiError::bad_request("bad_frame", format!("Unreadable frame: {e}."))),
                 },
-                Some(Err(())) => send_error(&out, &ApiError::bad_request("bad_frame", "Frames are JSON text.")),
+                Some(Incoming::Binary) => send_error(&out, &ApiError::bad_request("bad_frame", "Frames are JSON text.")),
+                Some(Incoming::Refused) => send_error(&out, &rate_limited()),
+                Some(Incoming::Close(close)) => {
+                    out.outbox.send_message(close);
+                    break;
+                }
                 None => break,
             },
             msg = bus.recv() => {
@@ -246,13 +279,16 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
             }
         }
     }
-    reader.abort();
     // Let the writer send what is queued (a closed session's last status and
-    // its close frame), then stop it.
+    // its close frame), then stop it (and the reader, which may be draining).
     drop(out);
     if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
         closed.cancel();
         let _ = writer.await;
+    }
+    // A reader draining after our close frame ends by itself within seconds.
+    if tokio::time::timeout(Duration::from_secs(3), &mut reader).await.is_err() {
+        reader.abort();
     }
     metrics::gauge!("palaver_open_sockets", "kind" => kind).decrement(1.0);
 }

@@ -3,8 +3,11 @@
 //! tagged with the client's `request_id`. Replies run detached (a dropped
 //! socket does not stop them); `request_id` is an idempotency key, so a
 //! client that resends after reconnecting re-attaches instead of sending
-//! twice. Every socket has a bounded outgoing queue: a client that does not
-//! read is closed with code 4008 and can resume over SSE.
+//! twice. One reply generates at a time per socket (another message frame
+//! gets a `busy` error), frames are rate limited per socket (a flood is
+//! closed with 1008) and an oversized frame is closed with 1009. Every
+//! socket has a bounded outgoing queue: a client that does not read is
+//! closed with code 4008 and can resume over SSE.
 
 use std::{
     collections::HashMap,
@@ -49,6 +52,95 @@ const OUTGOING_QUEUE: usize = 256;
 const HEARTBEAT: Duration = Duration::from_secs(20);
 /// Close code for a client that does not read its frames.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a client that keeps sending past its frame budget.
+pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
+/// Close code for a frame over the size limit.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// A socket's frame budget: a token bucket. Hand-written because it is one
+/// counter owned by one task; a limiter crate's keyed, shared state would be
+/// machinery without a use here.
+pub(super) struct FrameBudget {
+    per_second: f64,
+    /// The bucket's size: three seconds' worth.
+    burst: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+    /// Frames refused since the client last let the bucket fill up.
+    refused: u32,
+}
+
+/// What to do with a frame the client sent.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Admit {
+    Yes,
+    /// Answer `rate_limited` and drop the frame.
+    Refuse,
+    /// The client keeps flooding: close the socket (1008).
+    Close,
+}
+
+impl FrameBudget {
+    pub(super) fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        let burst = per_second * 3.0;
+        Self { per_second, burst, tokens: burst, last: tokio::time::Instant::now(), refused: 0 }
+    }
+
+    pub(super) fn admit(&mut self) -> Admit {
+        self.admit_at(tokio::time::Instant::now())
+    }
+
+    fn admit_at(&mut self, now: tokio::time::Instant) -> Admit {
+        let earned = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.last = now;
+        if self.tokens >= self.burst {
+            self.refused = 0;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Admit::Yes;
+        }
+        self.refused += 1;
+        // Another burst's worth of refused frames: not a client that slipped.
+        if f64::from(self.refused) > self.burst { Admit::Close } else { Admit::Refuse }
+    }
+}
+
+pub(super) fn rate_limited() -> ApiError {
+    ApiError::TooManyRequests {
+        code: "rate_limited",
+        detail: "Too many frames on this socket; slow down.".into(),
+        retry_after_secs: 1,
+    }
+}
+
+/// The close frame for a read error: 1009 for a frame over the size limit
+/// (tungstenite reports it as a capacity error), none for a broken socket.
+pub(super) fn close_for_read_error(e: axum::Error) -> Option<Message> {
+    let inner = e.into_inner();
+    let too_big = matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)));
+    too_big.then(|| close_message(CLOSE_TOO_BIG, "frame too large: the limit is 1 MiB"))
+}
+
+/// Reads and drops what the client still sends after we closed, until its
+/// close frame (or two seconds): a connection closed with unread data is
+/// reset, and the client would never see our close frame.
+pub(super) async fn drain(stream: &mut futures::stream::SplitStream<WebSocket>) {
+    let rest = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), rest).await;
+}
+
+pub(super) fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))
+}
 
 /// Authentication for sockets: `?token=<access_token>`, a Bearer header, or
 /// the session cookie (then only from an allowed origin: a cookie rides
@@ -187,24 +279,35 @@ async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
     metrics::gauge!("palaver_open_sockets", "kind" => "chat").increment(1.0);
     let (sink, mut stream) = socket.split();
     let requests: Arc<Mutex<HashMap<String, String>>> = Default::default();
+    let in_flight: Arc<Mutex<InFlight>> = Default::default();
     let closed = CancellationToken::new();
-    let (outbox, writer) =
+    let (outbox, mut writer) =
         spawn_writer(sink, closed.clone(), "slow consumer: resume with GET .../messages/{id}/stream");
+    let mut budget = FrameBudget::new(state.settings.socket_frames_per_second);
 
-    loop {
+    let close = loop {
         let next = tokio::select! {
-            _ = closed.cancelled() => break,
+            _ = closed.cancelled() => break None,
             n = tokio::time::timeout(HEARTBEAT * 3, stream.next()) => n,
         };
         let text = match next {
-            Err(_) | Ok(None) | Ok(Some(Err(_))) => break,
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(Some(Ok(Message::Close(_)))) => break,
-            Ok(Some(Ok(Message::Binary(_)))) => {
-                outbox.error(None, &ApiError::bad_request("bad_frame", "Frames are JSON text."));
-                continue;
-            }
-            Ok(Some(Ok(_))) => continue, // ping/pong: axum answers pings itself
+            Ok(Some(Err(e))) => break close_for_read_error(e),
+            Err(_) | Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break None,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue, // axum answers pings itself
+            Ok(Some(Ok(message))) => match budget.admit() {
+                Admit::Close => break Some(close_message(CLOSE_POLICY_VIOLATION, "too many frames")),
+                Admit::Refuse => {
+                    outbox.error(None, &rate_limited());
+                    continue;
+                }
+                Admit::Yes => match message {
+                    Message::Text(t) => t,
+                    _ => {
+                        outbox.error(None, &ApiError::bad_request("bad_frame", "Frames are JSON text."));
+                        continue;
+                    }
+                },
+            },
         };
         let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
             Ok(f) => f,
@@ -234,11 +337,17 @@ async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
             }
             ClientFrame::Message { request_id, conversation_id, content, model } => {
                 let request_id = request_id.filter(|r| !r.is_empty() && r.len() <= 200);
+                let Some(slot) = Slot::take(&in_flight, request_id.as_deref()) else {
+                    let e = ApiError::conflict("busy", "A reply is being generated on this socket; wait for its end.");
+                    outbox.error(request_id.as_deref(), &e);
+                    continue;
+                };
                 let task = handle_message(
                     state.clone(),
                     user.clone(),
                     outbox.clone(),
                     requests.clone(),
+                    slot,
                     request_id,
                     conversation_id,
                     content,
@@ -247,10 +356,53 @@ async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
                 tokio::spawn(task);
             }
         }
+    };
+    if let Some(close) = close {
+        // Told why, then let go: the writer ends after sending a close frame.
+        outbox.send_message(close);
+        let _ = tokio::join!(tokio::time::timeout(Duration::from_secs(5), &mut writer), drain(&mut stream));
     }
     closed.cancel();
     let _ = writer.await;
     metrics::gauge!("palaver_open_sockets", "kind" => "chat").decrement(1.0);
+}
+
+/// The message a socket is answering: one at a time, so one socket cannot
+/// start a provider call per frame. Resending the same `request_id`
+/// re-attaches to its reply (no new call), so that is let through.
+#[derive(Default)]
+struct InFlight {
+    request_id: Option<String>,
+    tasks: usize,
+}
+
+/// A share of the socket's one reply; given back when dropped.
+struct Slot(Option<Arc<Mutex<InFlight>>>);
+
+impl Slot {
+    fn take(in_flight: &Arc<Mutex<InFlight>>, request_id: Option<&str>) -> Option<Slot> {
+        let mut current = in_flight.lock().expect("in-flight lock");
+        if current.tasks > 0 && (request_id.is_none() || current.request_id.as_deref() != request_id) {
+            return None;
+        }
+        current.tasks += 1;
+        current.request_id = request_id.map(str::to_owned);
+        Some(Slot(Some(in_flight.clone())))
+    }
+
+    /// Frees the socket for the next message (before its last frame goes
+    /// out, so a client that answers that frame at once is not `busy`).
+    fn release(&mut self) {
+        if let Some(in_flight) = self.0.take() {
+            in_flight.lock().expect("in-flight lock").tasks -= 1;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Sends one message and forwards its reply's events as frames.
@@ -260,6 +412,7 @@ async fn handle_message(
     user: AuthUser,
     outbox: Outbox,
     requests: Arc<Mutex<HashMap<String, String>>>,
+    mut slot: Slot,
     request_id: Option<String>,
     conversation_id: Option<String>,
     content: Value,
@@ -285,6 +438,7 @@ async fn handle_message(
     let sent = match sent {
         Ok(s) => s,
         Err(e) => {
+            slot.release();
             outbox.error(rid, &e);
             return;
         }
@@ -304,6 +458,9 @@ async fn handle_message(
     let events = replies::follow(state.clone(), sent.assistant_message, 0);
     tokio::pin!(events);
     while let Some(event) = events.next().await {
+        if matches!(event, ReplyEvent::Finished(_)) {
+            slot.release();
+        }
         let ok = match event {
             ReplyEvent::Delta { text, .. } => {
                 outbox.send(json!({ "type": "delta", "request_id": rid, "message_id": message_id, "text": text }))
@@ -321,5 +478,31 @@ async fn handle_message(
     }
     if let Some(r) = &request_id {
         requests.lock().expect("requests lock").remove(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Admit, FrameBudget};
+
+    #[test]
+    fn a_burst_passes_a_flood_is_refused_then_closed() {
+        let start = tokio::time::Instant::now();
+        let mut budget = FrameBudget::new(10);
+        assert!((0..30).all(|_| budget.admit_at(start) == Admit::Yes), "a burst of three seconds' worth");
+        assert!((0..30).all(|_| budget.admit_at(start) == Admit::Refuse));
+        assert_eq!(budget.admit_at(start), Admit::Close, "a client that keeps flooding");
+
+        let mut budget = FrameBudget::new(10);
+        let ms = |n: u64| start + std::time::Duration::from_millis(n);
+        // Ten a second, for ever: always within budget.
+        assert!((1..=100).all(|i| budget.admit_at(ms(i * 100)) == Admit::Yes));
+        for _ in 0..40 {
+            budget.admit_at(ms(10_000));
+        }
+        let calm = ms(13_000);
+        assert_eq!(budget.admit_at(calm), Admit::Yes, "a calm client starts afresh");
+        assert!((0..29).all(|_| budget.admit_at(calm) == Admit::Yes));
+        assert_eq!(budget.admit_at(calm), Admit::Refuse, "refusals were forgotten, the budget was not");
     }
 }

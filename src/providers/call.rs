@@ -146,8 +146,12 @@ pub async fn start(
         let delay = (attempt < policy.retries).then(|| retry_delay(&error, attempt, policy)).flatten();
         let Some(delay) = delay else { return Err(error) };
         tracing::info!(
-            provider = %model.provider(), model = %model.model(), attempt = attempt + 1,
-            wait_ms = delay.as_millis() as u64, error = %error, "provider call failed; retrying"
+            provider = model.provider(),
+            model = model.model(),
+            attempt = attempt + 1,
+            wait_ms = delay.as_millis() as u64,
+            error = error.to_string().as_str(),
+            "provider call failed; retrying"
         );
         tokio::time::sleep(delay).await;
         attempt += 1;

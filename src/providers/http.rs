@@ -88,7 +88,7 @@ impl KeyRing {
         if !states[index].refused {
             states[index].refused = true;
             tracing::warn!(
-                provider = %self.provider,
+                provider = self.provider.as_str(),
                 key_index = index,
                 keys = self.keys.len(),
                 status,

@@ -337,12 +337,23 @@ impl Providers {
                 continue;
             };
             if first_error.is_some() {
-                tracing::warn!(model = %model, fallback = %candidate, "trying a fallback model");
+                tracing::warn!(
+                    model = model.to_string().as_str(),
+                    fallback = candidate.to_string().as_str(),
+                    "trying a fallback model"
+                );
             }
             match call::start(adapter, candidate, &messages, &self.policy).await {
                 Ok(events) => return Ok(ReplyStream { model: candidate.clone(), events }),
                 Err(e) => {
-                    tracing::warn!(model = %candidate, kind = error_kind(&e), error = %e, "provider call failed");
+                    let (model, error) = (candidate.to_string(), e.to_string());
+                    // Model names and provider errors may hold client text: logged escaped.
+                    tracing::warn!(
+                        model = model.as_str(),
+                        kind = error_kind(&e),
+                        error = error.as_str(),
+                        "provider call failed"
+                    );
                     first_error.get_or_insert(e);
                 }
             }

@@ -322,6 +322,8 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     settings.provider_idle_timeout = PROVIDER_TIMEOUT_SECS;
     settings.max_message_chars = 32_000;
     settings.shutdown_grace = 1;
+    // Every test registers its users from 127.0.0.1.
+    settings.registrations_per_ip = 100_000;
     Some((settings, data_dir, database, clock, provider))
 }
 
@@ -411,6 +413,7 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
         .env("PALAVER_SHUTDOWN_GRACE", settings.shutdown_grace.to_string())
         .env("PALAVER_HEADER_READ_TIMEOUT", settings.header_read_timeout.to_string())
         .env("PALAVER_IDLE_TIMEOUT", settings.idle_timeout.to_string())
+        .env("PALAVER_REGISTRATIONS_PER_IP", settings.registrations_per_ip.to_string())
         .env("RUST_LOG", &settings.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.

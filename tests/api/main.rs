@@ -28,4 +28,4 @@ mod streaming;
 mod support;
 mod support_ws;
 mod users;
-mod websocket;
+pub mod websocket;

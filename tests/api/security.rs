@@ -12,7 +12,8 @@ use crate::helpers::{Db, Fetch, PASSWORD, TestApp, db_tests, run_process_test};
 db_tests!(
     oversized_or_unprintable_request_ids_are_replaced,
     every_answer_carries_security_headers,
-    answers_with_tokens_or_personal_data_are_never_stored;
+    answers_with_tokens_or_personal_data_are_never_stored,
+    registrations_are_limited_per_address;
     sqlite_only: the_doc_pages_render_in_a_browser_under_their_csp,
 );
 
@@ -187,4 +188,23 @@ async fn the_doc_pages_render_in_a_browser_under_their_csp(app: TestApp) {
             log.lines().filter(|l| l.contains("Content Security Policy") || l.contains("Refused to")).collect();
         assert!(violations.is_empty(), "{path} breaks its CSP:\n{}", violations.join("\n"));
     }
+}
+
+/// Issue #8 (item 8): 60 of 60 registrations from one address succeeded.
+async fn registrations_are_limited_per_address(mut app: TestApp) {
+    app.restart_with(|s| s.registrations_per_ip = 3).await;
+    let register = |i: usize| {
+        let name = format!("reg_{i}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        app.register(json!({ "username": name, "password": PASSWORD }))
+    };
+    for i in 0..3 {
+        register(i).await.assert_status(StatusCode::CREATED);
+    }
+    let refused = register(3).await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry: u64 = refused.header("retry-after").expect("Retry-After").parse().expect("integer Retry-After");
+    assert!((1..=3600).contains(&retry), "Retry-After {retry}");
+    // An hour later the address may register again.
+    app.advance(Duration::from_secs(3601));
+    register(4).await.assert_status(StatusCode::CREATED);
 }

@@ -19,6 +19,7 @@ db_tests!(
     bad_frames_get_error_frames_and_the_socket_stays_open,
     a_visitor_who_does_not_read_is_closed_with_4008_and_catches_up,
     both_sockets_take_a_bearer_header,
+    floods_and_oversized_frames_close_support_sockets,
 );
 
 // ---------------------------------------------------------------------------
@@ -440,4 +441,25 @@ async fn both_sockets_take_a_bearer_header(app: TestApp) {
         let got = connect_with_bearer(&url, &token).await.err();
         assert_eq!(got, Some(status), "{url} with Bearer {token}");
     }
+}
+
+/// Issue #8 (item 8): the support sockets have the chat socket's frame
+/// budget and size limit.
+async fn floods_and_oversized_frames_close_support_sockets(app: TestApp) {
+    use crate::websocket::{assert_floods_are_cut_off, assert_oversized_frames_are_closed_with_1009};
+    let v = visitor(&app, "flood").await;
+    let alice = agent(&app).await;
+    let mut c = client_socket(app.port, &v, None).await;
+    c.expect("status").await;
+    assert_floods_are_cut_off(c, json!({ "type": "ping" })).await;
+    let mut a = agent_socket(app.port, &alice, None).await;
+    a.expect("queue").await;
+    assert_floods_are_cut_off(a, json!({ "type": "ping" })).await;
+
+    let mut c = client_socket(app.port, &v, None).await;
+    c.expect("status").await;
+    assert_oversized_frames_are_closed_with_1009(c).await;
+    let mut a = agent_socket(app.port, &alice, None).await;
+    a.expect("queue").await;
+    assert_oversized_frames_are_closed_with_1009(a).await;
 }

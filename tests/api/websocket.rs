@@ -22,6 +22,9 @@ db_tests!(
     a_closed_socket_does_not_stop_the_reply,
     resending_a_request_id_reattaches_instead_of_sending_again,
     a_socket_that_does_not_read_is_closed_with_4008_and_the_reply_completes,
+    a_socket_generates_one_reply_at_a_time,
+    a_flooding_socket_is_refused_then_closed_with_1008,
+    an_oversized_frame_is_closed_with_1009,
 );
 
 const SETTLE: Duration = Duration::from_secs(15);
@@ -328,4 +331,111 @@ async fn a_socket_that_does_not_read_is_closed_with_4008_and_the_reply_completes
     let events = app.resume(&user, &conversation, reply_id, Some(&text_len.to_string())).await.rest().await;
     assert_eq!(events.last().unwrap().event, "done");
     assert_eq!(text_len + crate::helpers::delta_text(&events).len(), full_len);
+}
+
+/// Issue #8 (item 8): 300 message frames on one socket started 300 provider
+/// calls. One reply generates at a time; other messages get `busy`.
+async fn a_socket_generates_one_reply_at_a_time(app: TestApp) {
+    let user = app.signup().await;
+    let script = Script::words(20, Duration::from_millis(50));
+    app.provider.stream(script.clone());
+    let mut ws = app.ws(&user).await;
+    ws.send_message("first", None, "Take your time").await;
+    let question = ws.expect("user_message").await;
+    for i in 0..20 {
+        ws.send_message(&format!("more-{i}"), None, "And this too").await;
+    }
+    // The same request again re-attaches to its reply: no `busy` for it.
+    ws.send_message("first", None, "Take your time").await;
+    let mut frames = Vec::new();
+    let mut finished = 0;
+    while finished < 2 {
+        let frame = ws.next().await;
+        if frame["request_id"] == "first" && frame["type"] == "done" {
+            finished += 1;
+        }
+        frames.push(frame);
+    }
+    let busy: Vec<&Value> = frames.iter().filter(|f| f["code"] == "busy").collect();
+    assert_eq!(busy.len(), 20, "every other message is refused: {frames:#?}");
+    for (i, frame) in busy.iter().enumerate() {
+        assert_eq!(frame["type"], "error");
+        assert_eq!(frame["request_id"], format!("more-{i}"), "{frame}");
+        assert!(frame["detail"].as_str().is_some_and(|d| !d.is_empty()), "{frame}");
+    }
+    let reattached: Vec<&Value> =
+        frames.iter().filter(|f| f["type"] == "user_message" && f["request_id"] == "first").collect();
+    assert_eq!(reattached.len(), 1, "{frames:#?}");
+    assert_eq!(reattached[0]["message"]["id"], question["message"]["id"]);
+    assert_eq!(app.provider.request_count(), 1, "one provider call for 22 message frames");
+
+    // Once the reply is done, the next message goes through at once.
+    app.provider.stream(Script::words(3, Duration::from_millis(1)));
+    ws.send_message("next", None, "Now me").await;
+    let frames = ws.until_finished("next").await;
+    assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
+    assert_eq!(app.provider.request_count(), 2);
+}
+
+/// Frames past the socket's budget (30 at once, then 10 a second) are
+/// refused with `rate_limited`; a client that keeps on is closed with 1008.
+async fn a_flooding_socket_is_refused_then_closed_with_1008(app: TestApp) {
+    let user = app.signup().await;
+    let ws = app.ws(&user).await;
+    assert_floods_are_cut_off(ws, json!({ "type": "ping" })).await;
+    assert_eq!(app.provider.request_count(), 0);
+}
+
+/// Sends 300 `frame`s as fast as possible and checks what came back: some
+/// answers, then `rate_limited` errors, then close code 1008.
+pub async fn assert_floods_are_cut_off(mut ws: WsClient, frame: Value) {
+    use futures::SinkExt;
+    for _ in 0..300 {
+        // The server may close the socket while we are still sending.
+        if ws.socket.send(tungstenite::Message::text(frame.to_string())).await.is_err() {
+            break;
+        }
+    }
+    let (mut answered, mut limited) = (0, 0);
+    let end = loop {
+        match ws.next_or_end().await {
+            Ok(f) if f["code"] == "rate_limited" => {
+                assert_eq!(f["type"], "error", "{f}");
+                limited += 1;
+            }
+            Ok(f) if f["type"] == "error" => panic!("unexpected error frame: {f}"),
+            Ok(_) => answered += 1,
+            Err(end) => break end,
+        }
+    };
+    assert!(
+        matches!(end, WsEnd::Closed(Some(1008))),
+        "expected close code 1008, got {end:?} after {answered} answers and {limited} refusals"
+    );
+    // The chat socket answers pings in order; the support sockets answer
+    // from tasks of their own, which the close may overtake.
+    assert!((1..=40).contains(&answered), "a burst of at most about 30 frames is answered: {answered}");
+    assert!(limited > 0, "refused frames are told so before the close");
+}
+
+/// A frame over the 1 MiB limit ends the socket with close code 1009, not
+/// a dropped connection.
+async fn an_oversized_frame_is_closed_with_1009(app: TestApp) {
+    let user = app.signup().await;
+    let ws = app.ws(&user).await;
+    assert_oversized_frames_are_closed_with_1009(ws).await;
+}
+
+pub async fn assert_oversized_frames_are_closed_with_1009(mut ws: WsClient) {
+    use futures::SinkExt;
+    let content = "x".repeat(1024 * 1024 + 1024);
+    let frame = json!({ "type": "message", "request_id": "big", "content": content }).to_string();
+    let _ = ws.socket.send(tungstenite::Message::text(frame)).await;
+    let end = loop {
+        match ws.next_or_end().await {
+            Ok(frame) => assert_ne!(frame["type"], "user_message", "an oversized frame was accepted"),
+            Err(end) => break end,
+        }
+    };
+    assert!(matches!(end, WsEnd::Closed(Some(1009))), "expected close code 1009, got {end:?}");
 }

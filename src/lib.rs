@@ -18,7 +18,6 @@ pub mod error;
 pub mod http;
 pub mod limits;
 pub mod providers;
-pub mod realtime;
 pub mod redis_link;
 pub mod startup;
 pub mod state;

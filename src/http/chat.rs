@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     clock::rfc3339,
-    realtime::replies::{self, Sent},
+    chat::{self as replies, Sent},
 };
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -29,10 +29,7 @@ use super::{
 };
 use crate::{
     domain::conversation::{MessageRole, MessageStatus},
-    realtime::{
-        ReplyEvent,
-        replies::{self, Sent, Target},
-    },
+    chat::{self as replies, ReplyEvent, Sent, Target},
     store::MessageRecord,
 };
 

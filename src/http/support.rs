@@ -1,6 +1,6 @@
 //! /api/support (visitors, authenticated by their session's client token)
 //! and /api/agent (agents and admins): the REST half of the support desk.
-//! The rules live in `realtime::support`; these handlers extract and map.
+//! The rules live in `desk`; these handlers extract and map.
 
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use crate::{
         support::{ClientInfo, SupportStatus},
         user::Role,
     },
-    realtime::support::{self as desk, message_json, session_json},
+    desk::{self, message_json, session_json},
     store::SupportSessionRecord,
 };
 

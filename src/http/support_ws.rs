@@ -32,9 +32,9 @@ use super::{
 };
 use crate::{
     domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
-    realtime::{
+    desk::{
+        self, session_json,
         bus::{BusEvent, BusMessage},
-        support::{self as desk, session_json},
     },
     store::SupportEventRecord,
 };

@@ -39,10 +39,7 @@ use super::{
 };
 use crate::{
     domain::conversation::MessageStatus,
-    realtime::{
-        ReplyEvent,
-        replies::{self, SendRequest},
-    },
+    chat::{self as replies, ReplyEvent, SendRequest},
 };
 
 /// Frames queued for one socket before it counts as a slow consumer.

@@ -17,6 +17,9 @@ pub enum Error {
     Conflict { code: &'static str, detail: String },
     #[error("validation failed")]
     Invalid { code: &'static str, errors: Vec<FieldError> },
+    /// A limit was reached; the client may retry after this many seconds.
+    #[error("{detail}")]
+    RateLimited { code: &'static str, detail: String, retry_after_secs: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -30,6 +33,13 @@ impl Error {
 
     pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
         Error::Conflict { code, detail: detail.into() }
+    }
+
+    /// A limit that frees up in `wait_ms`: `Retry-After` in whole seconds,
+    /// at least one. Every limit answers through this.
+    pub fn rate_limited(code: &'static str, detail: impl Into<String>, wait_ms: i64) -> Self {
+        let retry_after_secs = (wait_ms.max(0) as u64).div_ceil(1000).max(1);
+        Error::RateLimited { code, detail: detail.into(), retry_after_secs }
     }
 
     /// One bad field, with its own code.

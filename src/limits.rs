@@ -7,7 +7,12 @@
 
 use std::{collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
 
-use crate::redis_link::RedisLink;
+use crate::{error::Error, redis_link::RedisLink};
+
+/// A blocked limit as an answer (`Error::rate_limited`); `Ok` when free.
+pub fn refuse(blocked_for_ms: Option<i64>, code: &'static str, detail: &str) -> Result<(), Error> {
+    blocked_for_ms.map_or(Ok(()), |ms| Err(Error::rate_limited(code, detail, ms)))
+}
 
 /// Failed logins counted per client address and per account (SPEC §6),
 /// and registrations per client address, across instances when Redis is
@@ -75,6 +80,11 @@ impl Limiter {
             _ => None,
         };
         local.max(remote)
+    }
+
+    /// `Err(RateLimited)` saying `detail` while `key` is blocked.
+    pub async fn check(&self, key: &str, now: i64, code: &'static str, detail: &str) -> Result<(), Error> {
+        refuse(self.blocked_for(key, now).await, code, detail)
     }
 
     /// Counts one for `key`.

@@ -69,6 +69,15 @@ impl MessageContent {
         Ok(Self(s))
     }
 
+    /// From JSON as any front door receives it (a REST body's field, a
+    /// socket frame's): only a string is text.
+    pub fn from_json(v: serde_json::Value, max_chars: usize) -> Result<Self, String> {
+        match v {
+            serde_json::Value::String(s) => Self::parse(s, max_chars),
+            _ => Err("must be a string".into()),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

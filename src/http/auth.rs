@@ -27,6 +27,7 @@ use crate::{
         Validator,
         user::{DisplayName, Email, Password, Role, Username},
     },
+    limits,
     store::{NewLoginSession, RefreshOutcome, UserRecord},
 };
 
@@ -53,13 +54,8 @@ pub async fn register(
 ) -> ApiResult<(StatusCode, Json<UserView>)> {
     let limiter = &state.login_throttle.registrations;
     let (address, now) = (client.key(), state.clock.now_ms());
-    if let Some(ms) = limiter.blocked_for(&address, now).await {
-        return Err(ApiError::TooManyRequests {
-            code: "rate_limited",
-            detail: "Too many accounts registered from this address; try again later.".into(),
-            retry_after_secs: (ms as u64).div_ceil(1000).max(1),
-        });
-    }
+    let detail = "Too many accounts registered from this address; try again later.";
+    limiter.check(&address, now, "rate_limited", detail).await?;
     let mut v = Validator::new();
     let email = v.check_opt("email", body.email.filter(|s| !s.trim().is_empty()), |s| Email::parse(&s)).flatten();
     let username = v.check_opt("username", body.username.filter(|s| !s.is_empty()), |s| Username::parse(&s)).flatten();
@@ -162,13 +158,7 @@ pub async fn login(
         .blocked_for(&address_key, now)
         .await
         .max(throttle.per_account.blocked_for(&account_key, now).await);
-    if let Some(ms) = blocked {
-        return Err(ApiError::TooManyRequests {
-            code: "too_many_attempts",
-            detail: "Too many failed logins; wait before trying again.".into(),
-            retry_after_secs: (ms as u64).div_ceil(1000).max(1),
-        });
-    }
+    limits::refuse(blocked, "too_many_attempts", "Too many failed logins; wait before trying again.")?;
     let user = state.store.user_by_login(&body.login).await?;
     let ok = state.hasher.verify(&body.password, user.as_ref().map(|u| u.password_hash.as_str())).await?;
     let user = match user {

@@ -16,8 +16,8 @@ use super::{
     views::{ErrorBody, Items, MessageView, Page, UsageView},
 };
 use crate::{
-    clock::rfc3339,
     chat::{self as replies, Sent},
+    clock::rfc3339,
 };
 
 #[derive(Debug, Deserialize, ToSchema)]

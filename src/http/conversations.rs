@@ -243,15 +243,22 @@ pub async fn post_message(
 }
 
 /// Checks a message's text (under `field`) and its optional model override.
+/// The one check of a message's text, for REST bodies and both kinds of
+/// socket frames alike.
 pub fn validate_message(
     state: &AppState,
     field: &str,
-    content: String,
+    content: impl Into<serde_json::Value>,
     model: Option<String>,
 ) -> ApiResult<(MessageContent, Option<ModelId>)> {
     let mut v = Validator::new();
-    let content = v.check(field, MessageContent::parse(content, state.settings.max_message_chars as usize));
+    let content = v.check(field, MessageContent::from_json(content.into(), state.settings.max_message_chars as usize));
     let model = check_model(state, &mut v, model);
     v.finish().map_err(invalid)?;
     Ok((content.expect("validated above"), model))
+}
+
+/// `validate_message` for a text without a model override.
+pub fn validate_content(state: &AppState, content: impl Into<serde_json::Value>) -> ApiResult<MessageContent> {
+    validate_message(state, "content", content, None).map(|(content, _)| content)
 }

@@ -137,6 +137,9 @@ impl From<crate::error::Error> for ApiError {
             Error::Forbidden { code, detail } => ApiError::Forbidden { code, detail },
             Error::Conflict { code, detail } => ApiError::Conflict { code, detail },
             Error::Invalid { code, errors } => ApiError::Validation { code, errors },
+            Error::RateLimited { code, detail, retry_after_secs } => {
+                ApiError::TooManyRequests { code, detail, retry_after_secs }
+            }
             Error::Store(e) => e.into(),
             Error::Internal(e) => ApiError::Internal(e),
         }

@@ -28,8 +28,8 @@ use super::{
     views::{ErrorBody, MessageView},
 };
 use crate::{
-    domain::conversation::{MessageRole, MessageStatus},
     chat::{self as replies, ReplyEvent, Sent, Target},
+    domain::conversation::{MessageRole, MessageStatus},
     store::MessageRecord,
 };
 

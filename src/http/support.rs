@@ -22,13 +22,13 @@ use super::{
     views::{CursorPage, ErrorBody, Items, Page},
 };
 use crate::{
+    desk::{self, message_json, session_json},
     domain::{
         Validator,
         conversation::{MessageContent, MessageRole, MessageStatus},
         support::{ClientInfo, SupportStatus},
         user::Role,
     },
-    desk::{self, message_json, session_json},
     store::SupportSessionRecord,
 };
 
@@ -165,13 +165,8 @@ pub async fn create_session(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let address = client.key();
     let now = state.clock.now_ms();
-    if let Some(ms) = state.support.creations.blocked_for(&address, now).await {
-        return Err(ApiError::TooManyRequests {
-            code: "rate_limited",
-            detail: "Too many support sessions from this address; try again later.".into(),
-            retry_after_secs: (ms as u64).div_ceil(1000).max(1),
-        });
-    }
+    let detail = "Too many support sessions from this address; try again later.";
+    state.support.creations.check(&address, now, "rate_limited", detail).await?;
     let mut v = Validator::new();
     let info = body.client_info;
     let client = ClientInfo::parse(&mut v, info.name, info.email, info.phone);
@@ -237,10 +232,7 @@ pub struct ContentBody {
 }
 
 fn content(state: &AppState, body: ContentBody) -> ApiResult<MessageContent> {
-    let mut v = Validator::new();
-    let c = v.check("content", MessageContent::parse(body.content, state.settings.max_message_chars as usize));
-    v.finish().map_err(ApiError::invalid)?;
-    Ok(c.expect("validated above"))
+    super::conversations::validate_content(state, body.content)
 }
 
 /// The visitor writes; in AI mode the AI's reply comes back too.

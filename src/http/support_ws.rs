@@ -31,11 +31,12 @@ use super::{
     },
 };
 use crate::{
-    domain::{Validator, conversation::MessageContent, support::SupportStatus, user::Role},
     desk::{
-        self, session_json,
+        self,
         bus::{BusEvent, BusMessage},
+        session_json,
     },
+    domain::{conversation::MessageContent, support::SupportStatus, user::Role},
     store::SupportEventRecord,
 };
 
@@ -496,21 +497,7 @@ fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
 }
 
 fn parse_content(state: &AppState, content: Value) -> Result<MessageContent, ApiError> {
-    let mut v = Validator::new();
-    let text = match content {
-        Value::String(s) => s,
-        _ => {
-            v.error("content", "must be a string");
-            String::new()
-        }
-    };
-    let c = if v.is_ok() {
-        v.check("content", MessageContent::parse(text, state.settings.max_message_chars as usize))
-    } else {
-        None
-    };
-    v.finish().map_err(ApiError::invalid)?;
-    Ok(c.expect("validated above"))
+    super::conversations::validate_content(state, content)
 }
 
 async fn client_message(state: &Arc<AppState>, session_id: &str, content: Value) -> Result<(), ApiError> {

@@ -38,8 +38,8 @@ use super::{
     views::{ErrorBody, MessageView},
 };
 use crate::{
-    domain::conversation::MessageStatus,
     chat::{self as replies, ReplyEvent, SendRequest},
+    domain::conversation::MessageStatus,
 };
 
 /// Frames queued for one socket before it counts as a slow consumer.
@@ -106,11 +106,7 @@ impl FrameBudget {
 }
 
 pub(super) fn rate_limited() -> ApiError {
-    ApiError::TooManyRequests {
-        code: "rate_limited",
-        detail: "Too many frames on this socket; slow down.".into(),
-        retry_after_secs: 1,
-    }
+    crate::error::Error::rate_limited("rate_limited", "Too many frames on this socket; slow down.", 1000).into()
 }
 
 /// The close frame for a read error: 1009 for a frame over the size limit
@@ -417,9 +413,6 @@ async fn handle_message(
 ) {
     let rid = request_id.as_deref();
     let sent = async {
-        let Value::String(content) = content else {
-            return Err(ApiError::invalid(vec![crate::domain::FieldError::new("content", "must be a string")]));
-        };
         let (content, model) = validate_message(&state, "content", content, model)?;
         let target = parse_chat_target(&state, &user, conversation_id.as_deref()).await?;
         let req = SendRequest {

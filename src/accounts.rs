@@ -18,7 +18,7 @@ pub async fn insert_user(
     password_hash: &str,
     role: Role,
 ) -> Result<UserRecord> {
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = state.ids.random();
     let display_name = display_name.map(DisplayName::into_inner);
     let now = state.clock.now_ms();
     let new = NewUser {

@@ -16,6 +16,7 @@ pub mod desk;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod ids;
 pub mod limits;
 pub mod providers;
 pub mod redis_link;

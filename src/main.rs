@@ -6,6 +6,7 @@ use clap::Parser;
 use palaver::{
     clock::SystemClock,
     config::{AdminCommand, Cli, Command},
+    ids::UuidIds,
     startup::{self, Application, ConfigError},
 };
 
@@ -62,7 +63,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut password = String::new();
             std::io::stdin().lock().read_line(&mut password)?;
             let password = password.trim_end_matches(['\n', '\r']).to_owned();
-            let state = startup::build_state(cli.settings, Arc::new(SystemClock)).await?;
+            let state = startup::build_state(cli.settings, Arc::new(SystemClock), Arc::new(UuidIds)).await?;
             let user = palaver::accounts::create_admin(&state, &email, username.as_deref(), password).await?;
             println!("created admin {} ({})", user.email.as_deref().unwrap_or_default(), user.id);
             Ok(())

@@ -18,6 +18,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::{Environment, Settings},
     http::{self, AppState},
+    ids::{Ids, UuidIds},
     providers::Providers,
     store::Store,
 };
@@ -43,7 +44,12 @@ impl Application {
     }
 
     pub async fn build_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let state = Arc::new(build_state(settings, clock).await?);
+        Self::build_with(settings, clock, Arc::new(UuidIds)).await
+    }
+
+    /// With the clock and the source of ids injected (tests may fix both).
+    pub async fn build_with(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn Ids>) -> anyhow::Result<Self> {
+        let state = Arc::new(build_state(settings, clock, ids).await?);
         let listener = TcpListener::bind(state.settings.bind)
             .await
             .map_err(|e| ConfigError(format!("cannot listen on {}: {e}", state.settings.bind)))?;
@@ -116,7 +122,7 @@ async fn termination_signal() {
 }
 
 /// Everything the handlers share, after the configuration has been checked.
-pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn Ids>) -> anyhow::Result<AppState> {
     check_cors(&settings)?;
     let secret = resolve_secret(&settings)?;
     let providers = Providers::from_settings(&settings).map_err(|e| ConfigError(e.to_string()))?;
@@ -149,6 +155,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>) -> anyhow::R
     Ok(AppState {
         store,
         clock,
+        ids,
         keys: TokenKeys::new(&secret),
         hasher: PasswordHasher::new(),
         providers,

@@ -19,6 +19,8 @@ use crate::{
 pub struct AppState {
     pub store: Store,
     pub clock: Arc<dyn Clock>,
+    /// Where every minted id comes from.
+    pub ids: Arc<dyn crate::ids::Ids>,
     pub keys: TokenKeys,
     pub hasher: PasswordHasher,
     pub providers: Providers,

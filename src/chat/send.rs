@@ -122,7 +122,7 @@ pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored,
     let conversation = match send.target {
         Target::Existing(c) => c.clone(),
         Target::New => ConversationRecord {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: state.ids.random(),
             user_id: send.owner.to_owned(),
             title: None,
             system_prompt: None,
@@ -136,8 +136,8 @@ pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored,
     let ids = IdempotentSend {
         request_hash: send.request_hash,
         conversation_id: conversation.id.clone(),
-        user_message_id: uuid::Uuid::now_v7().to_string(),
-        assistant_message_id: send.answer_with.map(|_| uuid::Uuid::now_v7().to_string()).unwrap_or_default(),
+        user_message_id: state.ids.ordered(),
+        assistant_message_id: send.answer_with.map(|_| state.ids.ordered()).unwrap_or_default(),
     };
     let title = conversation.title.is_none().then(|| Title::derive_from(send.content).into_inner());
     let model_name = send.answer_with.map(ToString::to_string);

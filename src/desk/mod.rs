@@ -160,7 +160,7 @@ pub async fn queue_changed(state: &AppState) {
 pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(SupportSessionRecord, String), Error> {
     let now = state.clock.now_ms();
     let conversation = ConversationRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: state.ids.random(),
         user_id: SUPPORT_USER_ID.to_owned(),
         title: Some(format!("Support: {}", client.name)),
         system_prompt: Some(state.settings.support_system_prompt.clone()),
@@ -171,7 +171,7 @@ pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(Sup
         updated_at: now,
     };
     let session = SupportSessionRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: state.ids.random(),
         conversation_id: conversation.id.clone(),
         client_name: client.name,
         client_email: client.email,
@@ -371,7 +371,7 @@ pub async fn agent_send(
     content: MessageContent,
 ) -> Result<MessageRecord, Error> {
     let s = held_by(state, agent_id, id).await?;
-    let message = insert(state, &s, &uuid::Uuid::now_v7().to_string(), MessageRole::Agent, content.as_str()).await?;
+    let message = insert(state, &s, &state.ids.ordered(), MessageRole::Agent, content.as_str()).await?;
     record(state, &s, Lasting::Message(message_json(&s.id, &message))).await?;
     Ok(message)
 }

@@ -175,7 +175,7 @@ pub async fn login(
     }
 
     let now = state.clock.now_ms();
-    let session_id = uuid::Uuid::new_v4().to_string();
+    let session_id = state.ids.random();
     let cookie_secret = random_token("pcs_");
     let refresh_token = random_token("prt_");
     let user_agent: Option<String> =

@@ -59,7 +59,7 @@ pub async fn create(
     v.finish().map_err(invalid)?;
     let now = state.clock.now_ms();
     let record = ConversationRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: state.ids.random(),
         user_id: auth.user.id,
         title: title.map(Title::into_inner),
         system_prompt: system_prompt.map(SystemPrompt::into_inner),

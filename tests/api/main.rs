@@ -17,6 +17,7 @@ mod connections;
 mod conversations;
 mod crash;
 mod idempotency;
+mod ids;
 mod login_protection;
 mod memory;
 mod ops;

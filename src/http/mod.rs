@@ -12,6 +12,7 @@ pub mod framing;
 pub mod middleware;
 pub mod ops;
 pub mod serve;
+pub mod socket;
 pub mod streaming;
 pub mod support;
 pub mod support_ws;

@@ -24,11 +24,11 @@ use super::{
     AppState,
     error::ApiError,
     extract::{bearer, parse_uuid},
-    views::ErrorBody,
-    ws::{
+    socket::{
         Admit, CLOSE_POLICY_VIOLATION, FrameBudget, Outbox, SocketUser, close_for_read_error, close_message, drain,
         rate_limited, spawn_writer,
     },
+    views::ErrorBody,
 };
 use crate::{
     desk::{

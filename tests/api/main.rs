@@ -6,8 +6,11 @@
 //! default `postgres://postgres@127.0.0.1:5432/test`; with `CI=true` an
 //! unreachable PostgreSQL fails the postgres tests instead of skipping them).
 
+mod client;
+mod harness;
 mod helpers;
 mod mock_openai;
+mod sockets;
 
 mod admin;
 mod auth;

@@ -13,7 +13,7 @@ use palaver::{
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::mock_openai::MockOpenAi;
+use crate::mock_llm::MockLlm;
 
 pub const DEFAULT_MODEL: &str = "openai/gpt-4o-mini";
 pub const PROVIDER_KEY: &str = "sk-test-fake-key";
@@ -218,7 +218,7 @@ pub struct TestApp {
     pub port: u16,
     /// A plain client: no cookie store, so tests state every credential.
     pub client: reqwest::Client,
-    pub provider: MockOpenAi,
+    pub provider: MockLlm,
     pub clock: ManualClock,
     pub settings: Settings,
     pub database: TestDatabase,
@@ -292,14 +292,14 @@ pub async fn spawn_limited_process_app(
     })
 }
 
-async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatabase, ManualClock, MockOpenAi)> {
+async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatabase, ManualClock, MockLlm)> {
     let data_dir = tempfile::tempdir().expect("create a temporary data dir");
     let database = match db {
         Db::Sqlite => TestDatabase::sqlite(data_dir.path()),
         Db::Postgres => TestDatabase::postgres().await?,
     };
     let clock = ManualClock::starting_now();
-    let provider = MockOpenAi::start(clock.clone()).await;
+    let provider = MockLlm::start(clock.clone()).await;
 
     let mut settings = Settings::defaults();
     settings.environment = Environment::Development;

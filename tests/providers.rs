@@ -2,13 +2,13 @@
 //! streaming, usage, retries, key rotation, timeouts and fallback, driven
 //! through `Providers` exactly as the chat paths use it.
 
-#[path = "providers/mock.rs"]
-mod mock;
+#[path = "common/mock_llm.rs"]
+mod mock_llm;
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mock::{ANTHROPIC_USAGE, Fault, GEMINI_USAGE, MockProvider, OPENAI_USAGE, PIECES, REPLY};
+use mock_llm::{ANTHROPIC_USAGE, Fault, GEMINI_USAGE, MockLlm, OPENAI_USAGE, PIECES, REPLY};
 use palaver::{
     config::{Secret, Settings},
     domain::{
@@ -24,7 +24,7 @@ const ANTHROPIC: &str = "anthropic/claude-3-5-haiku-latest";
 
 /// Settings with every wire format pointed at `mock`, fast backoff and
 /// short timeouts; `keys` for all three.
-fn settings(mock: &MockProvider, keys: &str) -> Settings {
+fn settings(mock: &MockLlm, keys: &str) -> Settings {
     let mut s = Settings::defaults();
     s.openai_api_key = Some(Secret(keys.into()));
     s.openai_base_url = format!("{}/v1", mock.root);
@@ -91,7 +91,7 @@ async fn collect(mut stream: impl futures::Stream<Item = Result<ChatEvent, Provi
 
 #[tokio::test]
 async fn each_format_streams_its_deltas_then_its_usage() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     let p = providers(&settings(&mock, "k1"));
     for (id, (prompt, completion)) in [(OPENAI, OPENAI_USAGE), (GEMINI, GEMINI_USAGE), (ANTHROPIC, ANTHROPIC_USAGE)] {
         let stream = p.stream(&model(id), conversation()).await.unwrap();
@@ -133,7 +133,7 @@ async fn each_format_streams_its_deltas_then_its_usage() {
 
 #[tokio::test]
 async fn deltas_reach_the_caller_as_they_are_streamed() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.chunk_delay(Duration::from_millis(150));
     let p = providers(&settings(&mock, "k1"));
     for id in [OPENAI, GEMINI, ANTHROPIC] {
@@ -146,7 +146,7 @@ async fn deltas_reach_the_caller_as_they_are_streamed() {
 
 #[tokio::test]
 async fn a_500_is_retried_and_the_retry_answers() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.then(Fault::Status(500)).then(Fault::Status(502));
     let p = providers(&settings(&mock, "k1"));
     let done = p.complete(&model(ANTHROPIC), conversation()).await.unwrap();
@@ -157,7 +157,7 @@ async fn a_500_is_retried_and_the_retry_answers() {
 
 #[tokio::test]
 async fn retries_stop_at_the_configured_count() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.always(Fault::Status(503));
     let mut s = settings(&mock, "k1");
     s.provider_retries = 3;
@@ -166,7 +166,7 @@ async fn retries_stop_at_the_configured_count() {
     assert_eq!(mock.requests().len(), 4, "the attempt and three retries");
 
     // A client error is not retried.
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.always(Fault::Status(400));
     let err = providers(&settings(&mock, "k1")).complete(&model(OPENAI), conversation()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Upstream { status: 400, .. }), "{err:?}");
@@ -189,7 +189,7 @@ async fn a_refused_connection_is_retried_then_reported() {
 
 #[tokio::test]
 async fn a_rate_limited_key_is_rested_and_the_other_key_answers_at_once() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.limit_key("k1", 30);
     let p = providers(&settings(&mock, "k1,k2"));
 
@@ -208,7 +208,7 @@ async fn a_rate_limited_key_is_rested_and_the_other_key_answers_at_once() {
 
 #[tokio::test]
 async fn with_one_key_a_429_waits_for_its_retry_after() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.then(Fault::RateLimited(1));
     let p = providers(&settings(&mock, "only"));
     let started = Instant::now();
@@ -220,7 +220,7 @@ async fn with_one_key_a_429_waits_for_its_retry_after() {
 
 #[tokio::test]
 async fn a_key_refused_with_401_leaves_the_rotation() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.refuse_key("bad");
     let p = providers(&settings(&mock, "bad,good"));
     for _ in 0..4 {
@@ -230,7 +230,7 @@ async fn a_key_refused_with_401_leaves_the_rotation() {
     assert_eq!(mock.keys(), ["bad", "good", "good", "good", "good"], "the refused key is not used again");
 
     // With no other key the refusal is the answer (not retried).
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.refuse_key("bad");
     let err = providers(&settings(&mock, "bad")).complete(&model(OPENAI), conversation()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Auth(401)), "{err:?}");
@@ -240,7 +240,7 @@ async fn a_key_refused_with_401_leaves_the_rotation() {
 
 #[tokio::test]
 async fn a_hung_provider_times_out_without_retries() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.always(Fault::Hang);
     let mut s = settings(&mock, "k1");
     s.provider_timeout = 1;
@@ -254,7 +254,7 @@ async fn a_hung_provider_times_out_without_retries() {
 
 #[tokio::test]
 async fn a_silence_between_chunks_times_out_after_the_first_delta() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     let mut s = settings(&mock, "k1");
     s.provider_idle_timeout = 1;
     let p = providers(&s);
@@ -271,7 +271,7 @@ async fn a_silence_between_chunks_times_out_after_the_first_delta() {
 
 #[tokio::test]
 async fn a_connection_dropped_mid_stream_ends_the_reply_with_an_error() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     let p = providers(&settings(&mock, "k1"));
     for id in [OPENAI, GEMINI, ANTHROPIC] {
         mock.then(Fault::DropAfter(2));
@@ -285,7 +285,7 @@ async fn a_connection_dropped_mid_stream_ends_the_reply_with_an_error() {
 
 #[tokio::test]
 async fn a_drop_before_any_text_is_retried() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.then(Fault::DropAfter(0));
     let p = providers(&settings(&mock, "k1"));
     let done = p.complete(&model(OPENAI), conversation()).await.unwrap();
@@ -295,11 +295,11 @@ async fn a_drop_before_any_text_is_retried() {
 
 #[tokio::test]
 async fn the_fallback_model_answers_when_the_primary_fails_and_says_so() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     let mut s = settings(&mock, "k1");
     s.fallback_models = vec![GEMINI.into(), ANTHROPIC.into()];
     // The primary (OpenAI) and the first fallback (Gemini) point at a broken server.
-    let broken = MockProvider::start().await;
+    let broken = MockLlm::start_pieces().await;
     broken.always(Fault::Status(500));
     s.openai_base_url = format!("{}/v1", broken.root);
     s.gemini_base_url = broken.root.clone();
@@ -325,7 +325,7 @@ async fn the_fallback_model_answers_when_the_primary_fails_and_says_so() {
 
 #[tokio::test]
 async fn usage_is_estimated_and_flagged_when_the_provider_reports_none() {
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     let p = providers(&settings(&mock, "k1"));
     for id in [OPENAI, GEMINI, ANTHROPIC] {
         mock.then(Fault::NoUsage);
@@ -339,7 +339,7 @@ async fn usage_is_estimated_and_flagged_when_the_provider_reports_none() {
 #[tokio::test]
 async fn provider_calls_show_in_the_metrics() {
     let handle = palaver::startup::metrics_handle();
-    let mock = MockProvider::start().await;
+    let mock = MockLlm::start_pieces().await;
     mock.then(Fault::Status(503));
     let p = providers(&settings(&mock, "k1"));
     p.complete(&model(GEMINI), conversation()).await.unwrap();

@@ -10,7 +10,7 @@ use crate::helpers::{
     ApiResponse, DEFAULT_MODEL, Fetch, PROVIDER_KEY, TestApp, assert_conversation, assert_message, assert_page,
     assert_timestamp, assert_uuid, db_tests, expected_turns, turns,
 };
-use crate::mock_openai::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, echo_of};
+use crate::mock_llm::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, echo_of};
 
 db_tests!(
     posting_a_message_returns_both_messages,
@@ -552,8 +552,8 @@ async fn a_stream_that_stalls_after_some_text_times_out_with_the_attempt(mut app
     let user = app.signup().await;
     let id = app.new_conversation(&user).await;
     app.provider.stream(
-        crate::mock_openai::Script::words(2, std::time::Duration::from_millis(50))
-            .ending(crate::mock_openai::StreamEnd::Hang),
+        crate::mock_llm::Script::words(2, std::time::Duration::from_millis(50))
+            .ending(crate::mock_llm::StreamEnd::Hang),
     );
     let started = std::time::Instant::now();
     let response = app.post_message(&user, &id, json!({ "content": "then silence" })).await;

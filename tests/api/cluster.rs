@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{Db, Fetch, SseStream, TestApp, TestUser, delta_text, spawn_process_app_with};
-use crate::mock_openai::Script;
+use crate::mock_llm::Script;
 use crate::streaming::until_first_delta;
 use crate::support::Visitor;
 use crate::support_ws::{

@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     helpers::{Db, Fetch, TestApp, spawn_app, spawn_limited_process_app, spawn_process_app_with},
-    mock_openai::Script,
+    mock_llm::Script,
 };
 
 /// Reads until the server closes the connection; what it sent, or `None`

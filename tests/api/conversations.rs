@@ -9,7 +9,7 @@ use crate::helpers::{
     ApiResponse, DEFAULT_MODEL, Fetch, TestApp, assert_conversation, assert_message, assert_page, db_tests,
     expected_turns, turns,
 };
-use crate::mock_openai::echo_of;
+use crate::mock_llm::echo_of;
 
 db_tests!(
     creating_a_conversation_returns_201_with_defaults,

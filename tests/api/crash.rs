@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::{TestApp, TestUser, assert_message, db_tests, delta_text, event_names};
-use crate::mock_openai::Script;
+use crate::mock_llm::Script;
 
 db_tests!(process;
     a_reply_killed_mid_stream_is_failed_with_its_partial_text;

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{ApiResponse, Fetch, TestApp, TestUser, db_tests, delta_text, event_names};
-use crate::mock_openai::Script;
+use crate::mock_llm::Script;
 
 db_tests!(
     a_retried_post_returns_the_original_messages,

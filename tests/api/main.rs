@@ -1,13 +1,17 @@
 //! End-to-end API tests: each test spawns the real server on port 0 with a
-//! fresh database (SQLite, and PostgreSQL when reachable), the mock OpenAI
+//! fresh database (SQLite, and PostgreSQL when reachable), the mock LLM
 //! provider and a manual clock, then talks to it over HTTP.
 //!
 //! Run: `cargo test --test api` (PostgreSQL from `PALAVER_TEST_POSTGRES_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/test`; with `CI=true` an
 //! unreachable PostgreSQL fails the postgres tests instead of skipping them).
 
+mod client;
+mod harness;
 mod helpers;
-mod mock_openai;
+#[path = "../common/mock_llm.rs"]
+mod mock_llm;
+mod sockets;
 
 mod admin;
 mod auth;

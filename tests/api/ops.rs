@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{Fetch, PASSWORD, TestApp, db_tests, expected_turns, turns};
-use crate::mock_openai::echo_of;
+use crate::mock_llm::echo_of;
 
 db_tests!(
     health_answers_ok,

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     helpers::{Db, delta_text, spawn_app},
-    mock_openai::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script},
+    mock_llm::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script},
 };
 
 /// A TCP proxy to PostgreSQL that can be cut (every connection dropped,

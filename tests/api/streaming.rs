@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::helpers::{
     Fetch, SseEvent, SseStream, TestApp, TestUser, assert_message, db_tests, delta_text, event_names,
 };
-use crate::mock_openai::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script, StreamEnd};
+use crate::mock_llm::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script, StreamEnd};
 
 db_tests!(
     message_stream_events_come_in_order_with_byte_offset_ids,

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 use crate::helpers::{Fetch, TestApp, TestUser, WsClient, WsEnd, db_tests};
-use crate::mock_openai::{Script, StreamEnd};
+use crate::mock_llm::{Script, StreamEnd};
 use crate::support::{Visitor, agent, claim, handoff, visitor};
 
 db_tests!(

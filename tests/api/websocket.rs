@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 use crate::helpers::{TestApp, WsClient, WsEnd, assert_message, db_tests, frame_text, frame_types};
-use crate::mock_openai::{Script, StreamEnd};
+use crate::mock_llm::{Script, StreamEnd};
 
 db_tests!(
     the_socket_needs_credentials_before_the_upgrade,

@@ -93,8 +93,30 @@ impl Secret {
     }
 }
 
+/// Every setting, in groups: each part of the server is handed only its own.
+/// The env var names and flags are those of the fields (clap flattens them).
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
+    #[command(flatten)]
+    pub server: ServerSettings,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
+
+    #[command(flatten)]
+    pub providers: ProviderSettings,
+
+    #[command(flatten)]
+    pub chat: ChatSettings,
+
+    #[command(flatten)]
+    pub support: SupportSettings,
+}
+
+/// The server itself: where it listens and keeps its data, the database and
+/// Redis, connections, logs and shutdown.
+#[derive(Debug, Clone, Args)]
+pub struct ServerSettings {
     /// `development` or `production`; production refuses weak secrets and wildcard CORS.
     #[arg(long = "env", env = "PALAVER_ENV", value_enum, default_value = "development", global = true)]
     pub environment: Environment,
@@ -130,6 +152,51 @@ pub struct Settings {
     #[arg(long, env = "PALAVER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy, global = true)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
+    /// Comma-separated origins allowed to call the API from a browser (credentials allowed).
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<String>,
+
+    /// Seconds a client has to send a whole request head, counted from when
+    /// the server starts waiting for one: on a new connection and after each
+    /// response, so this is also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "PALAVER_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
+    pub header_read_timeout: u64,
+
+    /// Seconds without a byte in either direction after which a connection is
+    /// closed, unless a handler is still working on its request (a stalled
+    /// upload, a client that stopped reading its answer). Keep it above the
+    /// 15 s SSE keep-alive so quiet streams stay open.
+    #[arg(long, env = "PALAVER_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
+    pub idle_timeout: u64,
+
+    /// Most connections served at once; more wait in the listen backlog until
+    /// one closes. Default: the open-file limit less a reserve for the
+    /// database, files and connections to the LLM providers.
+    #[arg(long, env = "PALAVER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_connections: Option<u64>,
+
+    /// Frames a client may send per second on one WebSocket, with bursts of
+    /// three times as many; past it frames are refused (`rate_limited`), and
+    /// a client that keeps on is disconnected (close code 1008).
+    #[arg(long, env = "PALAVER_SOCKET_FRAMES_PER_SECOND", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub socket_frames_per_second: u32,
+
+    /// Log line format; defaults to json in production and text otherwise.
+    #[arg(long, env = "PALAVER_LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter, e.g. `info` or `palaver=debug,tower_http=info`.
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// Seconds that open requests get to finish after SIGTERM.
+    #[arg(long, env = "PALAVER_SHUTDOWN_GRACE", default_value_t = 30, global = true)]
+    pub shutdown_grace: u64,
+}
+
+/// Accounts and credentials.
+#[derive(Debug, Clone, Args)]
+pub struct AuthSettings {
     /// Signing secret for tokens, at least 32 characters in production.
     #[arg(long, env = "SECRET_KEY", hide_env_values = true, global = true)]
     pub secret_key: Option<Secret>,
@@ -142,10 +209,15 @@ pub struct Settings {
     #[arg(long, env = "REFRESH_TOKEN_EXPIRE_DAYS", default_value_t = 14, value_parser = clap::value_parser!(u64).range(1..=3650), global = true)]
     pub refresh_token_expire_days: u64,
 
-    /// Comma-separated origins allowed to call the API from a browser (credentials allowed).
-    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', global = true)]
-    pub cors_origins: Vec<String>,
+    /// Accounts one client address may register per hour (shared across
+    /// instances with REDIS_URL).
+    #[arg(long, env = "PALAVER_REGISTRATIONS_PER_IP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub registrations_per_ip: u32,
+}
 
+/// The LLM providers, their keys, models and call policy.
+#[derive(Debug, Clone, Args)]
+pub struct ProviderSettings {
     /// OpenAI API key(s), comma-separated.
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true, global = true)]
     pub openai_api_key: Option<Secret>,
@@ -224,11 +296,24 @@ pub struct Settings {
     /// stalled provider answers 504); PALAVER_PROVIDER_IDLE_TIMEOUT bounds the gaps inside it.
     #[arg(long, env = "PALAVER_PROVIDER_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
     pub provider_timeout: u64,
+}
 
+/// The reply engine.
+#[derive(Debug, Clone, Args)]
+pub struct ChatSettings {
     /// Longest accepted chat message, in Unicode characters.
     #[arg(long, env = "PALAVER_MAX_MESSAGE_CHARS", default_value_t = 32_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000), global = true)]
     pub max_message_chars: u64,
 
+    /// How often a streaming reply's partial text is saved, in milliseconds
+    /// (at most this much is lost if the process is killed).
+    #[arg(long, env = "PALAVER_STREAM_FLUSH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000), global = true)]
+    pub stream_flush_ms: u64,
+}
+
+/// The support desk.
+#[derive(Debug, Clone, Args)]
+pub struct SupportSettings {
     /// System prompt of the support desk's AI.
     #[arg(
         long,
@@ -247,53 +332,6 @@ If you cannot help, tell the visitor they can ask to talk to a human agent.",
     /// Support sessions one client address may open per 10 minutes.
     #[arg(long, env = "PALAVER_SUPPORT_SESSIONS_PER_IP", default_value_t = 20, global = true)]
     pub support_sessions_per_ip: u32,
-
-    /// Accounts one client address may register per hour (shared across
-    /// instances with REDIS_URL).
-    #[arg(long, env = "PALAVER_REGISTRATIONS_PER_IP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), global = true)]
-    pub registrations_per_ip: u32,
-
-    /// Frames a client may send per second on one WebSocket, with bursts of
-    /// three times as many; past it frames are refused (`rate_limited`), and
-    /// a client that keeps on is disconnected (close code 1008).
-    #[arg(long, env = "PALAVER_SOCKET_FRAMES_PER_SECOND", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), global = true)]
-    pub socket_frames_per_second: u32,
-
-    /// How often a streaming reply's partial text is saved, in milliseconds
-    /// (at most this much is lost if the process is killed).
-    #[arg(long, env = "PALAVER_STREAM_FLUSH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000), global = true)]
-    pub stream_flush_ms: u64,
-
-    /// Log line format; defaults to json in production and text otherwise.
-    #[arg(long, env = "PALAVER_LOG_FORMAT", value_enum, global = true)]
-    pub log_format: Option<LogFormat>,
-
-    /// Log filter, e.g. `info` or `palaver=debug,tower_http=info`.
-    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
-    pub log_level: String,
-
-    /// Seconds that open requests get to finish after SIGTERM.
-    #[arg(long, env = "PALAVER_SHUTDOWN_GRACE", default_value_t = 30, global = true)]
-    pub shutdown_grace: u64,
-
-    /// Seconds a client has to send a whole request head, counted from when
-    /// the server starts waiting for one: on a new connection and after each
-    /// response, so this is also how long an idle keep-alive connection stays open.
-    #[arg(long, env = "PALAVER_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
-    pub header_read_timeout: u64,
-
-    /// Seconds without a byte in either direction after which a connection is
-    /// closed, unless a handler is still working on its request (a stalled
-    /// upload, a client that stopped reading its answer). Keep it above the
-    /// 15 s SSE keep-alive so quiet streams stay open.
-    #[arg(long, env = "PALAVER_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
-    pub idle_timeout: u64,
-
-    /// Most connections served at once; more wait in the listen backlog until
-    /// one closes. Default: the open-file limit less a reserve for the
-    /// database, files and connections to the LLM providers.
-    #[arg(long, env = "PALAVER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..), global = true)]
-    pub max_connections: Option<u64>,
 }
 
 /// A proxy address (`10.1.2.3`, `::1`) or range (`10.0.0.0/8`).
@@ -309,7 +347,9 @@ impl Settings {
     pub fn defaults() -> Self {
         Cli::parse_from(["palaver", "serve"]).settings
     }
+}
 
+impl ServerSettings {
     pub fn log_format(&self) -> LogFormat {
         self.log_format.unwrap_or(match self.environment {
             Environment::Production => LogFormat::Json,

@@ -27,7 +27,7 @@ async fn main() -> ExitCode {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    palaver::telemetry::init(&cli.settings);
+    palaver::telemetry::init(&cli.settings.server);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
@@ -46,7 +46,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => {
             raise_fd_limit();
             let app = Application::build(cli.settings).await?;
-            tracing::info!(port = app.port(), addr = %app.state().settings.bind, "palaver is listening");
+            tracing::info!(port = app.port(), addr = %app.state().settings.server.bind, "palaver is listening");
             app.run_until_stopped().await
         }
         Command::Migrate => {

@@ -50,9 +50,9 @@ impl Application {
     /// With the clock and the source of ids injected (tests may fix both).
     pub async fn build_with(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn Ids>) -> anyhow::Result<Self> {
         let state = Arc::new(build_state(settings, clock, ids).await?);
-        let listener = TcpListener::bind(state.settings.bind)
+        let listener = TcpListener::bind(state.settings.server.bind)
             .await
-            .map_err(|e| ConfigError(format!("cannot listen on {}: {e}", state.settings.bind)))?;
+            .map_err(|e| ConfigError(format!("cannot listen on {}: {e}", state.settings.server.bind)))?;
         let shutdown = state.shutdown.clone();
         Ok(Self { listener, state, shutdown })
     }
@@ -73,7 +73,7 @@ impl Application {
     /// Serves until SIGTERM/Ctrl-C or the shutdown token; open requests get
     /// the configured grace period to finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let grace = Duration::from_secs(self.state.settings.shutdown_grace);
+        let grace = Duration::from_secs(self.state.settings.server.shutdown_grace);
         let router = http::router(self.state.clone());
         spawn_sweeper(self.state.clone(), self.shutdown.clone());
         let token = self.shutdown.clone();
@@ -83,7 +83,7 @@ impl Application {
                 _ = termination_signal() => tracing::info!("shutdown requested; draining open requests"),
             }
         };
-        let limits = http::serve::Limits::from_settings(&self.state.settings);
+        let limits = http::serve::Limits::from_settings(&self.state.settings.server);
         http::serve::serve(self.listener, router, limits, signal, grace).await;
         if !self.state.replies.drain(grace).await {
             tracing::warn!(
@@ -125,7 +125,7 @@ async fn termination_signal() {
 pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn Ids>) -> anyhow::Result<AppState> {
     check_cors(&settings)?;
     let secret = resolve_secret(&settings)?;
-    let providers = Providers::from_settings(&settings).map_err(|e| ConfigError(e.to_string()))?;
+    let providers = Providers::from_settings(&settings.providers).map_err(|e| ConfigError(e.to_string()))?;
     if !providers.has_real_provider() {
         tracing::warn!(
             "no LLM provider is configured: answering with the offline provider. Set OPENAI_API_KEY \
@@ -133,7 +133,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
              OPENROUTER_API_KEY, GROQ_API_KEY or OLLAMA_BASE_URL for real answers"
         );
     }
-    let redis = match &settings.redis_url {
+    let redis = match &settings.server.redis_url {
         Some(url) => {
             Some(redis::Client::open(url.expose()).map_err(|e| ConfigError(format!("REDIS_URL is not usable: {e}")))?)
         }
@@ -144,14 +144,15 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
     let shutdown = CancellationToken::new();
     recover_interrupted_replies(&store, clock.as_ref(), &settings).await?;
     metrics::gauge!("palaver_support_queue_length").set(store.support_queue().await?.len() as f64);
-    let counters = redis.clone().map(|client| crate::limits::SharedCounters::new(client, &settings.redis_prefix));
+    let counters =
+        redis.clone().map(|client| crate::limits::SharedCounters::new(client, &settings.server.redis_prefix));
     let support = crate::desk::SupportDesk::new(
-        crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.redis_prefix, shutdown.clone()).await,
-        &settings.support_handoff_phrases,
-        settings.support_sessions_per_ip,
+        crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.server.redis_prefix, shutdown.clone()).await,
+        &settings.support.support_handoff_phrases,
+        settings.support.support_sessions_per_ip,
         counters.clone(),
     );
-    let login_throttle = crate::limits::LoginThrottle::new(counters, settings.registrations_per_ip);
+    let login_throttle = crate::limits::LoginThrottle::new(counters, settings.auth.registrations_per_ip);
     Ok(AppState {
         store,
         clock,
@@ -174,7 +175,7 @@ const INTERRUPTED: &str = "interrupted: the server stopped while generating this
 /// How long a streaming reply may go without a heartbeat before it counts
 /// as abandoned by a dead instance.
 fn stream_lease_ms(settings: &Settings) -> i64 {
-    (settings.stream_flush_ms as i64 * 5).max(10_000)
+    (settings.chat.stream_flush_ms as i64 * 5).max(10_000)
 }
 
 /// Replies left `streaming` by a process that died are marked failed, so
@@ -238,19 +239,19 @@ async fn sweep_abandoned_replies(
 
 /// The database named by DATABASE_URL, or SQLite in the data directory.
 pub async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
-    let url = match &settings.database_url {
+    let url = match &settings.server.database_url {
         Some(u) => u.expose().to_owned(),
-        None => format!("sqlite://{}", settings.data_dir.join("palaver.db").display()),
+        None => format!("sqlite://{}", settings.server.data_dir.join("palaver.db").display()),
     };
-    let timeout = Duration::from_secs(settings.database_timeout);
+    let timeout = Duration::from_secs(settings.server.database_timeout);
     Store::connect_with_timeout(&url, timeout)
         .await
         .map_err(|e| ConfigError(format!("cannot open the database: {e}")).into())
 }
 
 fn check_cors(settings: &Settings) -> Result<(), ConfigError> {
-    let wildcard = settings.cors_origins().iter().any(|o| o == "*");
-    if wildcard && settings.environment == Environment::Production {
+    let wildcard = settings.server.cors_origins().iter().any(|o| o == "*");
+    if wildcard && settings.server.environment == Environment::Production {
         return Err(ConfigError(
             "CORS_ORIGINS=* with credentials is refused in production: list the allowed origins".into(),
         ));
@@ -265,8 +266,8 @@ fn check_cors(settings: &Settings) -> Result<(), ConfigError> {
 
 /// SECRET_KEY, or in development a generated one kept in the data directory.
 fn resolve_secret(settings: &Settings) -> Result<String, ConfigError> {
-    let production = settings.environment == Environment::Production;
-    match &settings.secret_key {
+    let production = settings.server.environment == Environment::Production;
+    match &settings.auth.secret_key {
         Some(s) if s.expose().chars().count() >= MIN_SECRET_LEN => Ok(s.expose().to_owned()),
         Some(_) if production => {
             Err(ConfigError(format!("SECRET_KEY is too weak: production needs at least {MIN_SECRET_LEN} characters")))
@@ -278,7 +279,9 @@ fn resolve_secret(settings: &Settings) -> Result<String, ConfigError> {
         None if production => {
             Err(ConfigError("SECRET_KEY is not set: production needs a secret of at least 32 characters".into()))
         }
-        None => dev_secret(&settings.data_dir).map_err(|e| ConfigError(format!("cannot keep the dev secret: {e}"))),
+        None => {
+            dev_secret(&settings.server.data_dir).map_err(|e| ConfigError(format!("cannot keep the dev secret: {e}")))
+        }
     }
 }
 

@@ -37,10 +37,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn access_ttl_secs(&self) -> i64 {
-        self.settings.access_token_expire_minutes as i64 * 60
+        self.settings.auth.access_token_expire_minutes as i64 * 60
     }
 
     pub fn refresh_ttl_secs(&self) -> i64 {
-        self.settings.refresh_token_expire_days as i64 * 86_400
+        self.settings.auth.refresh_token_expire_days as i64 * 86_400
     }
 }

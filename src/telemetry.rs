@@ -4,9 +4,9 @@
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, ServerSettings};
 
-pub fn init(settings: &Settings) {
+pub fn init(settings: &ServerSettings) {
     let filter = EnvFilter::try_new(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match settings.log_format() {

@@ -26,22 +26,22 @@ const ANTHROPIC: &str = "anthropic/claude-3-5-haiku-latest";
 /// short timeouts; `keys` for all three.
 fn settings(mock: &MockLlm, keys: &str) -> Settings {
     let mut s = Settings::defaults();
-    s.openai_api_key = Some(Secret(keys.into()));
-    s.openai_base_url = format!("{}/v1", mock.root);
-    s.gemini_api_key = Some(Secret(keys.into()));
-    s.gemini_base_url = mock.root.clone();
-    s.anthropic_api_key = Some(Secret(keys.into()));
-    s.anthropic_base_url = mock.root.clone();
-    s.default_model = Some(OPENAI.into());
-    s.provider_timeout = 5;
-    s.provider_idle_timeout = 2;
-    s.provider_retries = 2;
-    s.provider_backoff_ms = 10;
+    s.providers.openai_api_key = Some(Secret(keys.into()));
+    s.providers.openai_base_url = format!("{}/v1", mock.root);
+    s.providers.gemini_api_key = Some(Secret(keys.into()));
+    s.providers.gemini_base_url = mock.root.clone();
+    s.providers.anthropic_api_key = Some(Secret(keys.into()));
+    s.providers.anthropic_base_url = mock.root.clone();
+    s.providers.default_model = Some(OPENAI.into());
+    s.providers.provider_timeout = 5;
+    s.providers.provider_idle_timeout = 2;
+    s.providers.provider_retries = 2;
+    s.providers.provider_backoff_ms = 10;
     s
 }
 
 fn providers(s: &Settings) -> Providers {
-    Providers::from_settings(s).expect("valid provider settings")
+    Providers::from_settings(&s.providers).expect("valid provider settings")
 }
 
 fn model(id: &str) -> ModelId {
@@ -160,7 +160,7 @@ async fn retries_stop_at_the_configured_count() {
     let mock = MockLlm::start_pieces().await;
     mock.always(Fault::Status(503));
     let mut s = settings(&mock, "k1");
-    s.provider_retries = 3;
+    s.providers.provider_retries = 3;
     let err = providers(&s).complete(&model(GEMINI), conversation()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Upstream { status: 503, .. }), "{err:?}");
     assert_eq!(mock.requests().len(), 4, "the attempt and three retries");
@@ -180,9 +180,9 @@ async fn a_refused_connection_is_retried_then_reported() {
         l.local_addr().unwrap().port()
     };
     let mut s = Settings::defaults();
-    s.openai_api_key = Some(Secret("k".into()));
-    s.openai_base_url = format!("http://127.0.0.1:{closed}/v1");
-    s.provider_backoff_ms = 10;
+    s.providers.openai_api_key = Some(Secret("k".into()));
+    s.providers.openai_base_url = format!("http://127.0.0.1:{closed}/v1");
+    s.providers.provider_backoff_ms = 10;
     let err = providers(&s).complete(&model(OPENAI), conversation()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Connect(_)), "{err:?}");
 }
@@ -243,7 +243,7 @@ async fn a_hung_provider_times_out_without_retries() {
     let mock = MockLlm::start_pieces().await;
     mock.always(Fault::Hang);
     let mut s = settings(&mock, "k1");
-    s.provider_timeout = 1;
+    s.providers.provider_timeout = 1;
     let started = Instant::now();
     let err = providers(&s).stream(&model(OPENAI), conversation()).await.err().expect("a timeout");
     assert!(matches!(err, ProviderError::Timeout), "{err:?}");
@@ -256,7 +256,7 @@ async fn a_hung_provider_times_out_without_retries() {
 async fn a_silence_between_chunks_times_out_after_the_first_delta() {
     let mock = MockLlm::start_pieces().await;
     let mut s = settings(&mock, "k1");
-    s.provider_idle_timeout = 1;
+    s.providers.provider_idle_timeout = 1;
     let p = providers(&s);
     for id in [OPENAI, GEMINI, ANTHROPIC] {
         mock.then(Fault::IdleGap(Duration::from_secs(10)));
@@ -297,12 +297,12 @@ async fn a_drop_before_any_text_is_retried() {
 async fn the_fallback_model_answers_when_the_primary_fails_and_says_so() {
     let mock = MockLlm::start_pieces().await;
     let mut s = settings(&mock, "k1");
-    s.fallback_models = vec![GEMINI.into(), ANTHROPIC.into()];
+    s.providers.fallback_models = vec![GEMINI.into(), ANTHROPIC.into()];
     // The primary (OpenAI) and the first fallback (Gemini) point at a broken server.
     let broken = MockLlm::start_pieces().await;
     broken.always(Fault::Status(500));
-    s.openai_base_url = format!("{}/v1", broken.root);
-    s.gemini_base_url = broken.root.clone();
+    s.providers.openai_base_url = format!("{}/v1", broken.root);
+    s.providers.gemini_base_url = broken.root.clone();
     let p = providers(&s);
 
     let stream = p.stream(&model(OPENAI), conversation()).await.unwrap();
@@ -317,8 +317,8 @@ async fn the_fallback_model_answers_when_the_primary_fails_and_says_so() {
 
     // When everything fails the primary's error is the answer.
     let mut s = settings(&broken, "k1");
-    s.fallback_models = vec![GEMINI.into()];
-    s.provider_retries = 0;
+    s.providers.fallback_models = vec![GEMINI.into()];
+    s.providers.provider_retries = 0;
     let err = providers(&s).complete(&model(OPENAI), conversation()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Upstream { status: 500, .. }), "{err:?}");
 }

@@ -99,7 +99,7 @@ async fn generate(
 /// arrives. It runs beside the generator, so a slow database never holds
 /// up the text.
 async fn keep_alive(state: Arc<AppState>, live: Arc<LiveReply>) {
-    let mut flush = tokio::time::interval(Duration::from_millis(state.settings.stream_flush_ms.max(10)));
+    let mut flush = tokio::time::interval(Duration::from_millis(state.settings.chat.stream_flush_ms.max(10)));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     flush.tick().await;
     loop {

@@ -163,7 +163,7 @@ pub async fn create_session(state: &AppState, client: ClientInfo) -> Result<(Sup
         id: state.ids.random(),
         user_id: SUPPORT_USER_ID.to_owned(),
         title: Some(format!("Support: {}", client.name)),
-        system_prompt: Some(state.settings.support_system_prompt.clone()),
+        system_prompt: Some(state.settings.support.support_system_prompt.clone()),
         model: None,
         message_count: 0,
         last_message_at: None,

@@ -252,7 +252,8 @@ pub fn validate_message(
     model: Option<String>,
 ) -> ApiResult<(MessageContent, Option<ModelId>)> {
     let mut v = Validator::new();
-    let content = v.check(field, MessageContent::from_json(content.into(), state.settings.max_message_chars as usize));
+    let content =
+        v.check(field, MessageContent::from_json(content.into(), state.settings.chat.max_message_chars as usize));
     let model = check_model(state, &mut v, model);
     v.finish().map_err(invalid)?;
     Ok((content.expect("validated above"), model))

@@ -61,7 +61,7 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-        Ok(ClientIp(client_ip(peer, &parts.headers, &state.settings.trusted_proxies)))
+        Ok(ClientIp(client_ip(peer, &parts.headers, &state.settings.server.trusted_proxies)))
     }
 }
 

@@ -108,10 +108,10 @@ pub fn api_parts(limits: &ServerLimits) -> (Router<Arc<AppState>>, utoipa::opena
 pub fn router(state: Arc<AppState>) -> Router {
     let limits = ServerLimits {
         providers: state.providers.provider_names(),
-        max_message_chars: state.settings.max_message_chars as usize,
+        max_message_chars: state.settings.chat.max_message_chars as usize,
     };
     let (api, openapi) = api_parts(&limits);
-    let cors = middleware::cors(&state.settings.cors_origins());
+    let cors = middleware::cors(&state.settings.server.cors_origins());
     api.merge(docs::routes(openapi))
         .fallback(|| async { error::ApiError::NotFound })
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })

@@ -40,7 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use super::framing::FramingScanner;
-use crate::config::Settings;
+use crate::config::ServerSettings;
 
 /// Marks a request whose head carried both `Content-Length` and
 /// `Transfer-Encoding` (hyper keeps only the latter); refused with 400.
@@ -58,7 +58,7 @@ pub struct Limits {
 impl Limits {
     /// The configured limits; an unset connection cap comes from the
     /// process's open-file limit (logged once).
-    pub fn from_settings(settings: &Settings) -> Self {
+    pub fn from_settings(settings: &ServerSettings) -> Self {
         let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
         let room = default_max_connections(soft);
         let max_connections = match settings.max_connections {

@@ -144,7 +144,7 @@ fn origin_allowed(headers: &HeaderMap, state: &AppState) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
     let same_host = origin.split("://").nth(1).is_some_and(|h| h.eq_ignore_ascii_case(host));
-    same_host || state.settings.cors_origins().iter().any(|o| o == origin)
+    same_host || state.settings.server.cors_origins().iter().any(|o| o == origin)
 }
 
 /// The sending half of a socket, shared by the tasks that feed it (also

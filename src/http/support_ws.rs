@@ -220,7 +220,7 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     // events, and polling the socket each time would cost a read attempt
     // (and its buffer set-up) per event.
     let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Incoming>(16);
-    let mut budget = FrameBudget::new(state.settings.socket_frames_per_second);
+    let mut budget = FrameBudget::new(state.settings.server.socket_frames_per_second);
     let mut reader = tokio::spawn(async move {
         loop {
             let frame = match tokio::time::timeout(HEARTBEAT * 3, stream.next()).await {

@@ -74,7 +74,7 @@ async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
     let closed = CancellationToken::new();
     let (outbox, mut writer) =
         spawn_writer(sink, closed.clone(), "slow consumer: resume with GET .../messages/{id}/stream");
-    let mut budget = FrameBudget::new(state.settings.socket_frames_per_second);
+    let mut budget = FrameBudget::new(state.settings.server.socket_frames_per_second);
 
     let close = loop {
         let next = tokio::select! {

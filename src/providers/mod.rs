@@ -29,7 +29,7 @@ pub use offline::OfflineProvider;
 pub use openai::OpenAiProvider;
 
 use crate::{
-    config::{Secret, Settings},
+    config::{ProviderSettings, Secret},
     domain::{
         context::{ChatMessage, ChatRole, context_window},
         conversation::ModelId,
@@ -170,7 +170,7 @@ fn names(models: &[&str]) -> Vec<String> {
 impl Providers {
     /// Builds the adapters named by the settings; the offline provider is
     /// always there and is the default when nothing else is configured.
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+    pub fn from_settings(settings: &ProviderSettings) -> anyhow::Result<Self> {
         let policy = CallPolicy {
             attempt_timeout: Duration::from_secs(settings.provider_timeout),
             idle_timeout: Duration::from_secs(settings.provider_idle_timeout),
@@ -379,13 +379,14 @@ impl Providers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     #[tokio::test]
     async fn offline_is_the_default_without_configuration() {
         let mut s = Settings::defaults();
-        s.openai_api_key = None;
-        s.default_model = None;
-        let p = Providers::from_settings(&s).unwrap();
+        s.providers.openai_api_key = None;
+        s.providers.default_model = None;
+        let p = Providers::from_settings(&s.providers).unwrap();
         assert!(!p.has_real_provider());
         assert_eq!(p.default_model().provider(), "offline");
         let models = p.models();
@@ -402,13 +403,13 @@ mod tests {
     #[test]
     fn presets_are_configured_by_their_keys_and_ollama_by_its_url() {
         let mut s = Settings::defaults();
-        s.openai_api_key = Some(Secret(" ".into()));
-        s.groq_api_key = Some(Secret("g1,g2".into()));
-        s.openrouter_api_key = Some(Secret("o".into()));
-        s.gemini_api_key = Some(Secret("ge".into()));
-        s.anthropic_api_key = Some(Secret("a".into()));
-        s.default_model = None;
-        let p = Providers::from_settings(&s).unwrap();
+        s.providers.openai_api_key = Some(Secret(" ".into()));
+        s.providers.groq_api_key = Some(Secret("g1,g2".into()));
+        s.providers.openrouter_api_key = Some(Secret("o".into()));
+        s.providers.gemini_api_key = Some(Secret("ge".into()));
+        s.providers.anthropic_api_key = Some(Secret("a".into()));
+        s.providers.default_model = None;
+        let p = Providers::from_settings(&s.providers).unwrap();
         let providers: Vec<&str> = p.adapters.keys().map(String::as_str).collect();
         assert_eq!(
             providers,
@@ -419,26 +420,26 @@ mod tests {
         assert!(p.validate_model("openrouter/meta-llama/llama-3-8b").is_ok());
         assert!(p.validate_model("ollama/llama3").is_err(), "Ollama only when OLLAMA_BASE_URL is set");
 
-        s.ollama_base_url = Some("http://localhost:11434".into());
-        let p = Providers::from_settings(&s).unwrap();
+        s.providers.ollama_base_url = Some("http://localhost:11434".into());
+        let p = Providers::from_settings(&s.providers).unwrap();
         assert!(p.models().iter().any(|m| m.id == "ollama/llama3"));
     }
 
     #[test]
     fn fallbacks_and_context_windows_are_checked_at_startup() {
         let mut s = Settings::defaults();
-        s.default_model = None;
-        s.fallback_models = vec!["offline/second".into()];
-        s.context_windows = vec!["offline/palaver=1000".into(), "offline/palaver-off=2000".into()];
-        let p = Providers::from_settings(&s).unwrap();
+        s.providers.default_model = None;
+        s.providers.fallback_models = vec!["offline/second".into()];
+        s.providers.context_windows = vec!["offline/palaver=1000".into(), "offline/palaver-off=2000".into()];
+        let p = Providers::from_settings(&s.providers).unwrap();
         assert_eq!(p.fallback_models()[0].to_string(), "offline/second");
         assert_eq!(p.context_window(p.default_model()), 2000, "the longest matching entry wins");
         assert_eq!(p.context_window(&ModelId::parse("offline/x").unwrap()), context_window("x"));
 
-        s.fallback_models = vec!["gemini/gemini-1.5-pro".into()];
-        assert!(Providers::from_settings(&s).is_err(), "an unconfigured fallback is a startup error");
-        s.fallback_models = vec![];
-        s.context_windows = vec!["offline/x".into()];
-        assert!(Providers::from_settings(&s).is_err());
+        s.providers.fallback_models = vec!["gemini/gemini-1.5-pro".into()];
+        assert!(Providers::from_settings(&s.providers).is_err(), "an unconfigured fallback is a startup error");
+        s.providers.fallback_models = vec![];
+        s.providers.context_windows = vec!["offline/x".into()];
+        assert!(Providers::from_settings(&s.providers).is_err());
     }
 }

@@ -462,8 +462,8 @@ async fn the_offline_model_can_be_chosen_next_to_a_real_provider(app: TestApp) {
 
 async fn without_a_provider_the_offline_model_answers_deterministically(mut app: TestApp) {
     app.restart_with(|s| {
-        s.openai_api_key = None;
-        s.default_model = None;
+        s.providers.openai_api_key = None;
+        s.providers.default_model = None;
     })
     .await;
     let user = app.signup().await;
@@ -545,8 +545,8 @@ async fn concurrent_sends_to_one_conversation_each_get_their_own_answer(app: Tes
 /// only the wait for its first token; the idle timeout is a second bound.
 async fn a_stream_that_stalls_after_some_text_times_out_with_the_attempt(mut app: TestApp) {
     app.restart_with(|s| {
-        s.provider_timeout = 2;
-        s.provider_idle_timeout = 60;
+        s.providers.provider_timeout = 2;
+        s.providers.provider_idle_timeout = 60;
     })
     .await;
     let user = app.signup().await;

@@ -87,7 +87,7 @@ impl PrivateRedis {
 /// and the private Redis.
 async fn two_instances(redis: &PrivateRedis) -> Option<(TestApp, crate::helpers::Sibling)> {
     let url = redis.url();
-    let mut a = spawn_process_app_with(Db::Postgres, |s| s.redis_url = Some(Secret(url))).await?;
+    let mut a = spawn_process_app_with(Db::Postgres, |s| s.server.redis_url = Some(Secret(url))).await?;
     let b = a.sibling().await;
     Some((a, b))
 }
@@ -256,7 +256,7 @@ async fn rate_limits_count_across_instances() {
         }
 
         // Support sessions per client address, likewise.
-        let limit = a.settings.support_sessions_per_ip as usize;
+        let limit = a.settings.support.support_sessions_per_ip as usize;
         for i in 0..limit {
             visitor_on(if i % 2 == 0 { &a.address } else { &b.address }, "many").await;
         }

@@ -82,8 +82,8 @@ async fn read_answer(stream: &mut TcpStream) -> (u16, String, Value) {
 async fn silent_and_slowloris_connections_are_closed_after_the_header_timeout() {
     // The idle timer is far off: what closes them here is the header timer.
     let Some(app) = spawn_process_app_with(Db::Sqlite, |s| {
-        s.header_read_timeout = 1;
-        s.idle_timeout = 600;
+        s.server.header_read_timeout = 1;
+        s.server.idle_timeout = 600;
     })
     .await
     else {
@@ -123,8 +123,8 @@ async fn silent_and_slowloris_connections_are_closed_after_the_header_timeout() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_upload_is_closed_after_the_idle_timeout() {
     let Some(app) = spawn_process_app_with(Db::Sqlite, |s| {
-        s.header_read_timeout = 600;
-        s.idle_timeout = 1;
+        s.server.header_read_timeout = 600;
+        s.server.idle_timeout = 1;
     })
     .await
     else {
@@ -142,10 +142,10 @@ async fn a_stalled_upload_is_closed_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn busy_streams_sockets_and_handlers_outlive_the_idle_timeout() {
     let Some(app) = spawn_process_app_with(Db::Sqlite, |s| {
-        s.header_read_timeout = 1;
-        s.idle_timeout = 1;
-        s.provider_timeout = 20;
-        s.provider_idle_timeout = 20;
+        s.server.header_read_timeout = 1;
+        s.server.idle_timeout = 1;
+        s.providers.provider_timeout = 20;
+        s.providers.provider_idle_timeout = 20;
     })
     .await
     else {
@@ -179,7 +179,7 @@ async fn busy_streams_sockets_and_handlers_outlive_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_an_open_stream_finish_and_refuses_new_connections() {
-    let Some(mut app) = spawn_process_app_with(Db::Sqlite, |s| s.shutdown_grace = 20).await else { return };
+    let Some(mut app) = spawn_process_app_with(Db::Sqlite, |s| s.server.shutdown_grace = 20).await else { return };
     let user = app.signup().await;
     app.provider.stream(Script::words(15, Duration::from_millis(200)));
     let mut stream = app.chat_stream(&user, json!({ "message": "a long answer" })).await;
@@ -229,8 +229,8 @@ async fn health_answers_within(app: &TestApp, within: Duration) -> bool {
 async fn under_a_low_file_limit_health_and_login_answer_once_idle_connections_time_out() {
     const OPEN_FILES: u64 = 256;
     let Some(app) = spawn_limited_process_app(Db::Sqlite, Some(OPEN_FILES), |s| {
-        s.header_read_timeout = 1;
-        s.idle_timeout = 1;
+        s.server.header_read_timeout = 1;
+        s.server.idle_timeout = 1;
     })
     .await
     else {
@@ -262,9 +262,9 @@ async fn accept_errors_past_the_file_limit_are_waited_out_without_spinning() {
     const OPEN_FILES: u64 = 256;
     // A cap above what the limit allows, so accepting does hit EMFILE.
     let Some(app) = spawn_limited_process_app(Db::Sqlite, Some(OPEN_FILES), |s| {
-        s.header_read_timeout = 3;
-        s.idle_timeout = 3;
-        s.max_connections = Some(10_000);
+        s.server.header_read_timeout = 3;
+        s.server.idle_timeout = 3;
+        s.server.max_connections = Some(10_000);
     })
     .await
     else {

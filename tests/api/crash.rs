@@ -129,7 +129,7 @@ async fn stalled_readers_do_not_grow_server_memory(mut app: TestApp) {
     // Saving 8 MiB ten times a second churns the allocator enough to hide
     // what is measured here; once a second is the production default.
     app.kill_server().await;
-    app.restart_with(|s| s.stream_flush_ms = 1000).await;
+    app.restart_with(|s| s.chat.stream_flush_ms = 1000).await;
     let user = app.signup().await;
 
     // The cost of an 8 MiB reply itself, with one stalled reader…

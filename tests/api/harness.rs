@@ -109,7 +109,7 @@ where
 impl Drop for TestApp {
     fn drop(&mut self) {
         if !std::thread::panicking() {
-            assert_no_server_panics(&self.settings.data_dir);
+            assert_no_server_panics(&self.settings.server.data_dir);
         }
     }
 }
@@ -274,8 +274,8 @@ pub async fn spawn_limited_process_app(
     change: impl FnOnce(&mut Settings),
 ) -> Option<TestApp> {
     let (mut settings, data_dir, database, clock, provider) = test_settings(db).await?;
-    settings.stream_flush_ms = 100;
-    settings.log_level = "warn".into();
+    settings.chat.stream_flush_ms = 100;
+    settings.server.log_level = "warn".into();
     change(&mut settings);
     let server = start_process_limited(&settings, 0, open_files).await;
     Some(TestApp {
@@ -302,26 +302,26 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     let provider = MockLlm::start(clock.clone()).await;
 
     let mut settings = Settings::defaults();
-    settings.environment = Environment::Development;
-    settings.bind = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = data_dir.path().to_path_buf();
-    settings.database_url = Some(Secret(database.url.clone()));
-    settings.redis_url = None;
+    settings.server.environment = Environment::Development;
+    settings.server.bind = "127.0.0.1:0".parse().unwrap();
+    settings.server.data_dir = data_dir.path().to_path_buf();
+    settings.server.database_url = Some(Secret(database.url.clone()));
+    settings.server.redis_url = None;
     // Tests share the machine's Redis: each one keeps to its own keys.
-    settings.redis_prefix = format!("palaver-test-{}", uuid::Uuid::new_v4().simple());
-    settings.secret_key = Some(Secret(SECRET_KEY.into()));
-    settings.access_token_expire_minutes = 30;
-    settings.refresh_token_expire_days = 14;
-    settings.cors_origins = Vec::new();
-    settings.openai_api_key = Some(Secret(PROVIDER_KEY.into()));
-    settings.openai_base_url = provider.base_url.clone();
-    settings.default_model = Some(DEFAULT_MODEL.into());
-    settings.provider_timeout = PROVIDER_ATTEMPT_SECS;
-    settings.provider_idle_timeout = PROVIDER_TIMEOUT_SECS;
-    settings.max_message_chars = 32_000;
-    settings.shutdown_grace = 1;
+    settings.server.redis_prefix = format!("palaver-test-{}", uuid::Uuid::new_v4().simple());
+    settings.auth.secret_key = Some(Secret(SECRET_KEY.into()));
+    settings.auth.access_token_expire_minutes = 30;
+    settings.auth.refresh_token_expire_days = 14;
+    settings.server.cors_origins = Vec::new();
+    settings.providers.openai_api_key = Some(Secret(PROVIDER_KEY.into()));
+    settings.providers.openai_base_url = provider.base_url.clone();
+    settings.providers.default_model = Some(DEFAULT_MODEL.into());
+    settings.providers.provider_timeout = PROVIDER_ATTEMPT_SECS;
+    settings.providers.provider_idle_timeout = PROVIDER_TIMEOUT_SECS;
+    settings.chat.max_message_chars = 32_000;
+    settings.server.shutdown_grace = 1;
     // Every test registers its users from 127.0.0.1.
-    settings.registrations_per_ip = 100_000;
+    settings.auth.registrations_per_ip = 100_000;
     Some((settings, data_dir, database, clock, provider))
 }
 
@@ -375,18 +375,18 @@ async fn start_process(settings: &Settings, n: usize) -> Server {
 
 async fn start_process_limited(settings: &Settings, n: usize, open_files: Option<u64>) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let log_path = settings.data_dir.join(format!("server-{n}.log"));
+    let log_path = settings.server.data_dir.join(format!("server-{n}.log"));
     let log = std::fs::File::create(&log_path).expect("create the server log");
     let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned()).unwrap_or_default();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_palaver"));
     command.env_clear();
-    if let Some(format) = settings.log_format {
+    if let Some(format) = settings.server.log_format {
         command.env("PALAVER_LOG_FORMAT", format!("{format:?}").to_lowercase());
     }
-    if let Some(redis) = &settings.redis_url {
-        command.env("REDIS_URL", redis.expose()).env("PALAVER_REDIS_PREFIX", &settings.redis_prefix);
+    if let Some(redis) = &settings.server.redis_url {
+        command.env("REDIS_URL", redis.expose()).env("PALAVER_REDIS_PREFIX", &settings.server.redis_prefix);
     }
-    if let Some(max) = settings.max_connections {
+    if let Some(max) = settings.server.max_connections {
         command.env("PALAVER_MAX_CONNECTIONS", max.to_string());
     }
     if let Some(limit) = open_files {
@@ -397,22 +397,22 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
     }
     let child = command
         .arg("serve")
-        .current_dir(&settings.data_dir)
+        .current_dir(&settings.server.data_dir)
         .env("PALAVER_BIND", format!("127.0.0.1:{port}"))
-        .env("PALAVER_DATA_DIR", &settings.data_dir)
-        .env("DATABASE_URL", secret(&settings.database_url))
-        .env("SECRET_KEY", secret(&settings.secret_key))
-        .env("OPENAI_API_KEY", secret(&settings.openai_api_key))
-        .env("OPENAI_BASE_URL", &settings.openai_base_url)
-        .env("PALAVER_DEFAULT_MODEL", settings.default_model.as_deref().unwrap_or(DEFAULT_MODEL))
-        .env("PALAVER_PROVIDER_TIMEOUT", settings.provider_timeout.to_string())
-        .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.provider_idle_timeout.to_string())
-        .env("PALAVER_STREAM_FLUSH_MS", settings.stream_flush_ms.to_string())
-        .env("PALAVER_SHUTDOWN_GRACE", settings.shutdown_grace.to_string())
-        .env("PALAVER_HEADER_READ_TIMEOUT", settings.header_read_timeout.to_string())
-        .env("PALAVER_IDLE_TIMEOUT", settings.idle_timeout.to_string())
-        .env("PALAVER_REGISTRATIONS_PER_IP", settings.registrations_per_ip.to_string())
-        .env("RUST_LOG", &settings.log_level)
+        .env("PALAVER_DATA_DIR", &settings.server.data_dir)
+        .env("DATABASE_URL", secret(&settings.server.database_url))
+        .env("SECRET_KEY", secret(&settings.auth.secret_key))
+        .env("OPENAI_API_KEY", secret(&settings.providers.openai_api_key))
+        .env("OPENAI_BASE_URL", &settings.providers.openai_base_url)
+        .env("PALAVER_DEFAULT_MODEL", settings.providers.default_model.as_deref().unwrap_or(DEFAULT_MODEL))
+        .env("PALAVER_PROVIDER_TIMEOUT", settings.providers.provider_timeout.to_string())
+        .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.providers.provider_idle_timeout.to_string())
+        .env("PALAVER_STREAM_FLUSH_MS", settings.chat.stream_flush_ms.to_string())
+        .env("PALAVER_SHUTDOWN_GRACE", settings.server.shutdown_grace.to_string())
+        .env("PALAVER_HEADER_READ_TIMEOUT", settings.server.header_read_timeout.to_string())
+        .env("PALAVER_IDLE_TIMEOUT", settings.server.idle_timeout.to_string())
+        .env("PALAVER_REGISTRATIONS_PER_IP", settings.auth.registrations_per_ip.to_string())
+        .env("RUST_LOG", &settings.server.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.
         .stdout(log.try_clone().expect("share the server log"))
@@ -495,7 +495,7 @@ impl TestApp {
 
     /// The server process's log so far (its log lines and anything it printed).
     pub fn server_log(&self) -> String {
-        let path = self.settings.data_dir.join(format!("server-{}.log", self.restarts));
+        let path = self.settings.server.data_dir.join(format!("server-{}.log", self.restarts));
         std::fs::read_to_string(path).unwrap_or_default()
     }
 

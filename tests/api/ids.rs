@@ -15,12 +15,12 @@ use serde_json::{Value, json};
 async fn every_minted_id_comes_from_the_injected_source() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::defaults();
-    settings.bind = "127.0.0.1:0".parse().unwrap();
-    settings.data_dir = dir.path().to_path_buf();
-    settings.database_url = Some(Secret(format!("sqlite://{}", dir.path().join("palaver.db").display())));
-    settings.secret_key = Some(Secret("test-secret-key-that-is-long-enough-0123456789".into()));
-    settings.openai_api_key = None;
-    settings.default_model = None;
+    settings.server.bind = "127.0.0.1:0".parse().unwrap();
+    settings.server.data_dir = dir.path().to_path_buf();
+    settings.server.database_url = Some(Secret(format!("sqlite://{}", dir.path().join("palaver.db").display())));
+    settings.auth.secret_key = Some(Secret("test-secret-key-that-is-long-enough-0123456789".into()));
+    settings.providers.openai_api_key = None;
+    settings.providers.default_model = None;
     let app =
         Application::build_with(settings, Arc::new(SystemClock), Arc::new(SequentialIds::default())).await.unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());

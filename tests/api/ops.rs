@@ -45,7 +45,7 @@ async fn ready_checks_redis_when_it_is_configured(mut app: TestApp) {
     assert!(body.get("redis").is_none(), "no Redis configured: {body}");
 
     // A Redis nobody listens on: 503 naming it.
-    app.restart_with(|s| s.redis_url = Some(Secret("redis://127.0.0.1:1".into()))).await;
+    app.restart_with(|s| s.server.redis_url = Some(Secret("redis://127.0.0.1:1".into()))).await;
     let response = app.get("/ready").fetch().await;
     response.assert_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready");
     assert_eq!(response.body["down"], json!(["redis"]));
@@ -53,7 +53,7 @@ async fn ready_checks_redis_when_it_is_configured(mut app: TestApp) {
 
     // The machine's Redis: ready.
     let Some(url) = crate::helpers::redis_url().await else { return };
-    app.restart_with(|s| s.redis_url = Some(Secret(url))).await;
+    app.restart_with(|s| s.server.redis_url = Some(Secret(url))).await;
     let response = app.get("/ready").fetch().await;
     response.assert_status(StatusCode::OK);
     assert_eq!(response.body["redis"], "ok");
@@ -418,7 +418,7 @@ async fn openapi_states_the_limits_the_server_enforces(mut app: TestApp) {
     assert!(pattern.contains("openai") && !pattern.contains("gemini"), "only configured providers: {pattern}");
 
     // The limits follow the configuration, and the server holds to them.
-    app.restart_with(|s| s.max_message_chars = 10).await;
+    app.restart_with(|s| s.chat.max_message_chars = 10).await;
     let doc = app.get("/openapi.json").fetch().await.body;
     assert_eq!(doc["components"]["schemas"]["MessageText"]["maxLength"], 10);
     let user = app.signup().await;

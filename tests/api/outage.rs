@@ -93,9 +93,9 @@ async fn a_reply_finished_during_a_database_outage_is_stored_with_its_usage() {
     let proxy = DbProxy::start(target).await;
     let (proxied, _) = through(&proxied, proxy.addr);
     app.restart_with(|s| {
-        s.database_url = Some(Secret(proxied));
-        s.database_timeout = 1;
-        s.stream_flush_ms = 100;
+        s.server.database_url = Some(Secret(proxied));
+        s.server.database_timeout = 1;
+        s.chat.stream_flush_ms = 100;
     })
     .await;
     let user = app.signup().await;

@@ -69,8 +69,8 @@ async fn request_ids_in_text_logs(mut app: TestApp) {
     // The access line is at info; the harness's processes log warnings only.
     app.kill_server().await;
     app.restart_with(|s| {
-        s.log_level = "info".into();
-        s.log_format = Some(LogFormat::Text);
+        s.server.log_level = "info".into();
+        s.server.log_format = Some(LogFormat::Text);
     })
     .await;
     let forged = r#"x" status=999 injected=1"#;
@@ -79,7 +79,7 @@ async fn request_ids_in_text_logs(mut app: TestApp) {
     let long = "b".repeat(64 * 1024);
     app.get("/health").header("x-request-id", &long).fetch().await.assert_status(StatusCode::OK);
 
-    let log_path = app.settings.data_dir.join("server-1.log");
+    let log_path = app.settings.server.data_dir.join("server-1.log");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let log = loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -192,7 +192,7 @@ async fn the_doc_pages_render_in_a_browser_under_their_csp(app: TestApp) {
 
 /// Issue #8 (item 8): 60 of 60 registrations from one address succeeded.
 async fn registrations_are_limited_per_address(mut app: TestApp) {
-    app.restart_with(|s| s.registrations_per_ip = 3).await;
+    app.restart_with(|s| s.auth.registrations_per_ip = 3).await;
     let register = |i: usize| {
         let name = format!("reg_{i}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         app.register(json!({ "username": name, "password": PASSWORD }))

@@ -83,7 +83,7 @@ async fn a_visitor_opens_a_session_and_the_ai_answers(app: TestApp) {
     // The support desk's own system prompt goes first.
     let sent = app.provider.last_request().messages();
     assert_eq!(sent.first().map(|(role, _)| role.as_str()), Some("system"));
-    assert_eq!(sent[0].1, app.settings.support_system_prompt);
+    assert_eq!(sent[0].1, app.settings.support.support_system_prompt);
     assert_eq!(sent.last().unwrap(), &("user".to_owned(), "Where is my parcel?".to_owned()));
     assert!(!body["reply"]["content"].as_str().unwrap().is_empty());
     let s = session(&app, &v).await;
@@ -280,7 +280,7 @@ async fn a_client_token_opens_only_its_own_session(app: TestApp) {
 }
 
 async fn session_creation_is_rate_limited_per_client_address(app: TestApp) {
-    let limit = app.settings.support_sessions_per_ip;
+    let limit = app.settings.support.support_sessions_per_ip;
     for _ in 0..limit {
         visitor(&app, "many").await;
     }
@@ -312,7 +312,7 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts(mut app: TestApp) {
             .fetch()
     };
     // From an untrusted peer the header is the client's word and changes nothing.
-    let limit = app.settings.support_sessions_per_ip;
+    let limit = app.settings.support.support_sessions_per_ip;
     for i in 0..limit {
         create(["198.51.100.1", "198.51.100.2"][i as usize % 2]).await.assert_status(StatusCode::CREATED);
     }
@@ -320,7 +320,7 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts(mut app: TestApp) {
 
     // Behind a trusted proxy, each forwarded client has its own allowance;
     // only the rightmost untrusted hop counts (the rest is client-supplied).
-    app.restart_with(|s| s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]).await;
+    app.restart_with(|s| s.server.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]).await;
     let create = |forwarded: &'static str| {
         app.post("/api/support/sessions")
             .header("x-forwarded-for", forwarded)

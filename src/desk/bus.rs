@@ -18,10 +18,10 @@ use std::{
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::views::{SupportMessageView, SupportSessionView};
 use crate::redis_link::RedisLink;
 
 /// Events a slow socket may fall behind before it resynchronises from the log.
@@ -34,9 +34,9 @@ const LOCAL_BUFFER: usize = 4096;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum BusEvent {
     /// A message of a session (logged).
-    Message { session_id: String, seq: i64, agent_id: Option<String>, message: Value },
+    Message { session_id: String, seq: i64, agent_id: Option<String>, message: SupportMessageView },
     /// A session's status changed (logged).
-    Status { session_id: String, seq: i64, agent_id: Option<String>, session: Value },
+    Status { session_id: String, seq: i64, agent_id: Option<String>, session: SupportSessionView },
     /// Text of an AI reply as it is written (not logged: the reply's
     /// message is, once it is finished).
     Delta { session_id: String, message_id: String, text: String },
@@ -50,20 +50,25 @@ impl BusEvent {
     /// A logged event as the log holds it: `(kind, payload)`.
     pub fn to_log(&self) -> Option<(&'static str, String)> {
         match self {
-            BusEvent::Message { message, .. } => Some(("message", message.to_string())),
-            BusEvent::Status { session, .. } => Some(("status", session.to_string())),
+            BusEvent::Message { message, .. } => Some(("message", serde_json::to_string(message).ok()?)),
+            BusEvent::Status { session, .. } => Some(("status", serde_json::to_string(session).ok()?)),
             BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
         }
     }
 
-    /// A logged event read back from the log; `None` for a kind this
-    /// version does not know.
+    /// A logged event read back from the log; `None` for a kind (or a
+    /// payload) this version does not know.
     pub fn from_log(seq: i64, session_id: &str, kind: &str, payload: &str) -> Option<Self> {
-        let payload: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
         let session_id = session_id.to_owned();
         match kind {
-            "message" => Some(BusEvent::Message { session_id, seq, agent_id: None, message: payload }),
-            "status" => Some(BusEvent::Status { session_id, seq, agent_id: None, session: payload }),
+            "message" => {
+                let message = serde_json::from_str(payload).ok()?;
+                Some(BusEvent::Message { session_id, seq, agent_id: None, message })
+            }
+            "status" => {
+                let session = serde_json::from_str(payload).ok()?;
+                Some(BusEvent::Status { session_id, seq, agent_id: None, session })
+            }
             _ => None,
         }
     }
@@ -365,10 +370,39 @@ mod tests {
     fn event(kind: &str, session: &str, agent: Option<&str>) -> BusEvent {
         let (session_id, agent_id) = (session.to_owned(), agent.map(str::to_owned));
         match kind {
-            "message" => BusEvent::Message { session_id, seq: 1, agent_id, message: Value::Null },
-            "status" => BusEvent::Status { session_id, seq: 1, agent_id, session: Value::Null },
+            "message" => BusEvent::Message { session_id, seq: 1, agent_id, message: message(session) },
+            "status" => BusEvent::Status { session_id, seq: 1, agent_id, session: status(session) },
             "queue" => BusEvent::Queue,
             other => panic!("no test event of kind {other}"),
+        }
+    }
+
+    fn message(session: &str) -> SupportMessageView {
+        SupportMessageView {
+            id: "m1".into(),
+            session_id: session.into(),
+            role: crate::domain::conversation::MessageRole::User,
+            content: "hello".into(),
+            status: crate::domain::conversation::MessageStatus::Complete,
+            created_at: "2026-12-01T00:00:00Z".into(),
+        }
+    }
+
+    fn status(session: &str) -> SupportSessionView {
+        SupportSessionView {
+            session_id: session.into(),
+            status: crate::domain::support::SupportStatus::Queued,
+            client_info: super::super::views::ClientInfoView {
+                name: "Ann".into(),
+                email: "ann@example.com".into(),
+                phone: None,
+            },
+            queue_position: Some(1),
+            estimated_wait_seconds: Some(120),
+            assigned_agent: None,
+            waiting_since: Some("2026-12-01T00:00:00Z".into()),
+            created_at: "2026-12-01T00:00:00Z".into(),
+            updated_at: "2026-12-01T00:00:00Z".into(),
         }
     }
 

@@ -6,18 +6,17 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value, json};
-
 pub mod bus;
+pub mod views;
 
 use bus::{BusEvent, SupportBus};
+pub use views::{SupportMessageView, SupportSessionView};
 
 use crate::{
     auth::{hash_token, random_token},
-    clock::rfc3339,
     domain::{
         conversation::{MessageContent, MessageRole, MessageStatus},
-        support::{ClientInfo, HandoffPhrases, SupportStatus, estimated_wait_seconds},
+        support::{ClientInfo, HandoffPhrases, SupportStatus},
     },
     error::Error,
     state::AppState,
@@ -34,7 +33,7 @@ pub struct SupportDesk {
     /// Session creations per client address.
     pub creations: Limiter,
     /// The queue as last read, and the bus's queue generation it was read at.
-    pub queue_cache: tokio::sync::Mutex<Option<(u64, Arc<Vec<Value>>)>>,
+    pub queue_cache: tokio::sync::Mutex<Option<(u64, Arc<Vec<SupportSessionView>>)>>,
 }
 
 impl SupportDesk {
@@ -50,21 +49,21 @@ impl SupportDesk {
 }
 
 /// The JSON of a session as clients and agents see it.
-pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<Value, Error> {
+pub async fn session_json(state: &AppState, s: &SupportSessionRecord) -> Result<SupportSessionView, Error> {
     let position = state.store.queue_position(s).await?;
     let recent_wait_ms = match position {
         Some(_) => state.store.recent_support_wait_ms().await?,
         None => None,
     };
-    Ok(session_view(s, position, recent_wait_ms))
+    Ok(SupportSessionView::new(s, position, recent_wait_ms))
 }
 
 /// The waiting sessions, first come first, as JSON: two queries whatever
 /// the queue's length.
-pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, Error> {
+pub async fn queue_json(state: &AppState) -> Result<Vec<SupportSessionView>, Error> {
     let queue = state.store.support_queue().await?;
     let recent_wait_ms = state.store.recent_support_wait_ms().await?;
-    Ok(queue.iter().zip(1..).map(|(s, position)| session_view(s, Some(position), recent_wait_ms)).collect())
+    Ok(queue.iter().zip(1..).map(|(s, position)| SupportSessionView::new(s, Some(position), recent_wait_ms)).collect())
 }
 
 /// `queue_json` for the sockets: one read per queue change on this
@@ -72,7 +71,7 @@ pub async fn queue_json(state: &AppState) -> Result<Vec<Value>, Error> {
 /// before it tells the sockets, so a snapshot of the current generation is
 /// never older than the change a socket was told about. REST reads stay
 /// fresh: with Redis, their own change may not have come round yet.)
-pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<Value>>, Error> {
+pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<SupportSessionView>>, Error> {
     let generation = state.support.bus.queue_generation();
     let mut cached = state.support.queue_cache.lock().await;
     if let Some((at, items)) = cached.as_ref()
@@ -85,52 +84,24 @@ pub async fn shared_queue_json(state: &AppState) -> Result<Arc<Vec<Value>>, Erro
     Ok(items)
 }
 
-fn session_view(s: &SupportSessionRecord, position: Option<i64>, recent_wait_ms: Option<i64>) -> Value {
-    let wait = position.map(|p| estimated_wait_seconds(p, recent_wait_ms));
-    json!({
-        "session_id": s.id,
-        "status": s.status,
-        "client_info": { "name": s.client_name, "email": s.client_email, "phone": s.client_phone },
-        "queue_position": position,
-        "estimated_wait_seconds": wait,
-        "assigned_agent": agent_json(s),
-        "waiting_since": s.queued_at.filter(|_| s.status == SupportStatus::Queued).map(rfc3339),
-        "created_at": rfc3339(s.created_at),
-        "updated_at": rfc3339(s.updated_at),
-    })
-}
-
-fn agent_json(s: &SupportSessionRecord) -> Value {
-    match &s.assigned_agent {
-        Some(id) => json!({ "id": id, "name": s.assigned_agent_name }),
-        None => Value::Null,
-    }
-}
-
-pub fn message_json(session_id: &str, m: &MessageRecord) -> Value {
-    json!({
-        "id": m.id,
-        "session_id": session_id,
-        "role": m.role,
-        "content": m.content,
-        "status": m.status,
-        "created_at": rfc3339(m.created_at),
-    })
+pub fn message_json(session_id: &str, m: &MessageRecord) -> SupportMessageView {
+    SupportMessageView::new(session_id, m)
 }
 
 /// What lasts of a session: its messages and its status changes.
 enum Lasting {
-    Message(Value),
-    Status(Value),
+    Message(SupportMessageView),
+    Status(SupportSessionView),
 }
 
 /// Logs and publishes a lasting event of a session.
 async fn record(state: &AppState, s: &SupportSessionRecord, what: Lasting) -> Result<(), Error> {
     let (kind, payload) = match &what {
-        Lasting::Message(v) => ("message", v),
-        Lasting::Status(v) => ("status", v),
+        Lasting::Message(v) => ("message", serde_json::to_string(v)),
+        Lasting::Status(v) => ("status", serde_json::to_string(v)),
     };
-    let seq = state.store.append_support_event(&s.id, kind, &payload.to_string(), state.clock.now_ms()).await?;
+    let payload = payload.map_err(anyhow::Error::from)?;
+    let seq = state.store.append_support_event(&s.id, kind, &payload, state.clock.now_ms()).await?;
     let (session_id, agent_id) = (s.id.clone(), s.assigned_agent.clone());
     let event = match what {
         Lasting::Message(message) => BusEvent::Message { session_id, seq, agent_id, message },

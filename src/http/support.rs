@@ -22,10 +22,10 @@ use super::{
     views::{CursorPage, ErrorBody, Items, Page},
 };
 use crate::{
-    desk::{self, message_json, session_json},
+    desk::{self, SupportMessageView, SupportSessionView, message_json, session_json},
     domain::{
         Validator,
-        conversation::{MessageContent, MessageRole, MessageStatus},
+        conversation::MessageContent,
         support::{ClientInfo, SupportStatus},
         user::Role,
     },
@@ -69,54 +69,6 @@ impl SupportCaller {
             }
         }
     }
-}
-
-/// A support session as `desk::session_json` writes it.
-#[derive(ToSchema)]
-#[allow(dead_code, reason = "documents the JSON of desk::session_json")]
-pub struct SupportSessionView {
-    #[schema(format = Uuid)]
-    session_id: String,
-    status: SupportStatus,
-    client_info: ClientInfoView,
-    /// 1 for the head of the queue; null unless queued.
-    queue_position: Option<i64>,
-    estimated_wait_seconds: Option<i64>,
-    assigned_agent: Option<AssignedAgentView>,
-    /// Set while queued.
-    waiting_since: Option<String>,
-    created_at: String,
-    updated_at: String,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code, reason = "documentation only")]
-pub struct ClientInfoView {
-    name: String,
-    email: String,
-    phone: Option<String>,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code, reason = "documentation only")]
-pub struct AssignedAgentView {
-    #[schema(format = Uuid)]
-    id: String,
-    name: Option<String>,
-}
-
-/// A support message as `desk::message_json` writes it.
-#[derive(ToSchema)]
-#[allow(dead_code, reason = "documents the JSON of desk::message_json")]
-pub struct SupportMessageView {
-    #[schema(format = Uuid)]
-    id: String,
-    #[schema(format = Uuid)]
-    session_id: String,
-    role: MessageRole,
-    content: String,
-    status: MessageStatus,
-    created_at: String,
 }
 
 #[derive(ToSchema)]
@@ -194,7 +146,7 @@ pub async fn get_session(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
     id: UuidPath,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SupportSessionView>> {
     let s = caller.session(&state, id.one()).await?;
     Ok(Json(session_json(&state, &s).await?))
 }
@@ -221,7 +173,7 @@ pub async fn list_messages(
             })?),
         };
     let (items, has_more) = state.store.list_messages(&s.conversation_id, before.as_ref(), cursor.limit).await?;
-    let items: Vec<Value> = items.iter().map(|m| message_json(&s.id, m)).collect();
+    let items: Vec<SupportMessageView> = items.iter().map(|m| message_json(&s.id, m)).collect();
     Ok(Json(json!({ "items": items, "has_more": has_more })))
 }
 
@@ -266,7 +218,7 @@ pub async fn handoff(
     State(state): State<Arc<AppState>>,
     caller: SupportCaller,
     id: UuidPath,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SupportSessionView>> {
     let s = caller.own_session(&state, id.one()).await?;
     let s = desk::handoff(&state, &s).await?;
     Ok(Json(session_json(&state, &s).await?))
@@ -276,7 +228,7 @@ fn staff(auth: &AuthUser) -> ApiResult<()> {
     auth.require(&[Role::Agent, Role::Admin])
 }
 
-async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> ApiResult<Vec<Value>> {
+async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> ApiResult<Vec<SupportSessionView>> {
     let mut items = Vec::with_capacity(sessions.len());
     for s in sessions {
         items.push(session_json(state, s).await?);
@@ -339,7 +291,11 @@ pub async fn active(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiRe
     responses((status = 200, body = SupportSessionView, description = "Session, now `human`"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn claim(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
+pub async fn claim(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    id: UuidPath,
+) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
     let s = desk::claim(&state, &auth.user.id, id.one()).await?;
     Ok(Json(session_json(&state, &s).await?))
@@ -356,7 +312,7 @@ pub async fn agent_message(
     auth: AuthUser,
     id: UuidPath,
     ApiJson(body): ApiJson<ContentBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<SupportMessageView>)> {
     staff(&auth)?;
     let content = content(&state, body)?;
     let m = desk::agent_send(&state, &auth.user.id, id.one(), content).await?;
@@ -369,7 +325,11 @@ pub async fn agent_message(
     responses((status = 200, body = SupportSessionView, description = "Session, queued again"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
-pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
+pub async fn release(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    id: UuidPath,
+) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
     let s = desk::release(&state, &auth.user.id, id.one()).await?;
     Ok(Json(session_json(&state, &s).await?))
@@ -381,7 +341,11 @@ pub async fn release(State(state): State<Arc<AppState>>, auth: AuthUser, id: Uui
     responses((status = 200, body = SupportSessionView, description = "Session, closed"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn close(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<Json<Value>> {
+pub async fn close(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    id: UuidPath,
+) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
     let s = desk::close(&state, &auth.user.id, auth.user.role == Role::Admin, id.one()).await?;
     Ok(Json(session_json(&state, &s).await?))

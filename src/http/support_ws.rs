@@ -32,7 +32,7 @@ use super::{
 };
 use crate::{
     desk::{
-        self,
+        self, SupportSessionView,
         bus::{BusEvent, BusMessage},
         session_json,
     },
@@ -377,9 +377,9 @@ async fn frame_for(state: &AppState, side: &Side, out: &Out, event: &BusEvent) -
 }
 
 /// A visitor's status frame; a closed session's socket ends with it.
-fn client_status(out: &Out, session: &Value, seq: Option<i64>) -> bool {
+fn client_status(out: &Out, session: &SupportSessionView, seq: Option<i64>) -> bool {
     let ok = send_status(out, status_frame(session, seq), seq.is_some());
-    if session["status"] == "closed" {
+    if session.status == SupportStatus::Closed {
         let reason = Utf8Bytes::from_static("support session closed");
         out.outbox.send_message(Message::Close(Some(CloseFrame { code: 1000, reason })));
         return false;
@@ -387,14 +387,14 @@ fn client_status(out: &Out, session: &Value, seq: Option<i64>) -> bool {
     ok
 }
 
-/// The visitor's `status` frame, from a session's JSON.
-fn status_frame(session: &Value, seq: Option<i64>) -> Value {
+/// The visitor's `status` frame, from the session.
+fn status_frame(session: &SupportSessionView, seq: Option<i64>) -> Value {
     json!({
         "type": "status",
-        "status": session["status"],
-        "queue_position": session["queue_position"],
-        "estimated_wait_seconds": session["estimated_wait_seconds"],
-        "agent": session["assigned_agent"],
+        "status": session.status,
+        "queue_position": session.queue_position,
+        "estimated_wait_seconds": session.estimated_wait_seconds,
+        "agent": session.assigned_agent,
         "event_id": seq,
     })
 }

@@ -239,18 +239,31 @@ pub struct Sibling {
 pub async fn spawn_app(db: Db) -> Option<TestApp> {
     let (settings, data_dir, database, clock, provider) = test_settings(db).await?;
     let server = start_server(settings.clone(), clock.clone()).await;
-    Some(TestApp {
-        address: format!("http://127.0.0.1:{}", server.port),
-        port: server.port,
-        client: new_client(),
-        provider,
-        clock,
-        settings,
-        database,
-        server,
-        restarts: 0,
-        _data_dir: data_dir,
-    })
+    Some(TestApp::new(server, settings, data_dir, database, clock, provider))
+}
+
+impl TestApp {
+    fn new(
+        server: Server,
+        settings: Settings,
+        data_dir: tempfile::TempDir,
+        database: TestDatabase,
+        clock: ManualClock,
+        provider: MockLlm,
+    ) -> Self {
+        Self {
+            address: format!("http://127.0.0.1:{}", server.port),
+            port: server.port,
+            client: new_client(),
+            provider,
+            clock,
+            settings,
+            database,
+            server,
+            restarts: 0,
+            _data_dir: data_dir,
+        }
+    }
 }
 
 /// Like `spawn_app`, but the server is the real `palaver` binary in a child
@@ -278,18 +291,7 @@ pub async fn spawn_limited_process_app(
     settings.server.log_level = "warn".into();
     change(&mut settings);
     let server = start_process_limited(&settings, 0, open_files).await;
-    Some(TestApp {
-        address: format!("http://127.0.0.1:{}", server.port),
-        port: server.port,
-        client: new_client(),
-        provider,
-        clock,
-        settings,
-        database,
-        server,
-        restarts: 0,
-        _data_dir: data_dir,
-    })
+    Some(TestApp::new(server, settings, data_dir, database, clock, provider))
 }
 
 async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatabase, ManualClock, MockLlm)> {

@@ -2,23 +2,19 @@
 
 use std::sync::Arc;
 
-use axum::{Json, extract::State, http::HeaderMap};
+use axum::{Json, extract::State, http::HeaderMap, response::Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
     AppState,
-    conversations::validate_message,
     docs::{IdempotencyKey, MessageText, ModelIdSchema},
     error::ApiResult,
     extract::{ApiJson, AuthUser, PageQuery, Pagination},
-    streaming,
+    send, streaming,
     views::{ErrorBody, Items, MessageView, Page, UsageView},
 };
-use crate::{
-    chat::{self as replies, Sent},
-    clock::rfc3339,
-};
+use crate::clock::rfc3339;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatBody {
@@ -55,8 +51,8 @@ pub async fn chat(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChatBody>,
 ) -> ApiResult<Json<ChatReply>> {
-    let sent = send_chat(&state, &auth, &headers, body).await?;
-    let assistant = streaming::await_reply(&state, &sent).await?;
+    let sent = send::send_chat(&state, &auth, &headers, body).await?;
+    let assistant = send::await_reply(&state, &sent).await?;
     let view = MessageView::from(&assistant);
     Ok(Json(ChatReply {
         conversation_id: sent.conversation_id,
@@ -68,22 +64,20 @@ pub async fn chat(
     }))
 }
 
-/// Validates a chat body and sends it; shared by /api/chat and /api/chat/stream.
-pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderMap, body: ChatBody) -> ApiResult<Sent> {
-    let (content, model) = validate_message(state, "message", body.message, body.model)?;
-    let target = streaming::parse_chat_target(state, auth, body.conversation_id.as_deref()).await?;
-    replies::send(
-        state,
-        replies::SendRequest {
-            user_id: auth.user.id.clone(),
-            target,
-            content,
-            model,
-            idempotency_key: streaming::idempotency_key(headers, "chat")?,
-        },
-    )
-    .await
-    .map_err(Into::into)
+/// The same, framed for `POST /api/chat/stream`.
+#[utoipa::path(post, path = "/api/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
+    params(IdempotencyKey),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`conversation` → `user_message` → `delta`… → `done` | `error`"),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn chat_stream(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> ApiResult<Response> {
+    let sent = send::send_chat(&state, &auth, &headers, body).await?;
+    Ok(streaming::send_events(state, sent, true))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

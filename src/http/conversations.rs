@@ -17,14 +17,14 @@ use super::{
     AppState,
     docs::{IdempotencyKey, MessageText, ModelIdSchema},
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, nullable},
-    streaming,
+    extract::{ApiJson, AuthUser, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, nullable, owned_conversation},
+    send::{self, check_model, invalid},
     views::{ConversationView, CursorPage, ErrorBody, MessageView, Page},
 };
 use crate::{
     domain::{
         Validator,
-        conversation::{MessageContent, ModelId, SystemPrompt, Title},
+        conversation::{SystemPrompt, Title},
     },
     store::{ConversationPatch, ConversationRecord},
 };
@@ -73,17 +73,6 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(ConversationView::from(&record))))
 }
 
-/// Validates an optional model id against the configured providers; an
-/// unknown one is a 422 with code `unknown_model`.
-pub fn check_model(state: &AppState, v: &mut Validator, model: Option<String>) -> Option<ModelId> {
-    v.check_opt("model", model, |m| state.providers.validate_model(&m)).flatten()
-}
-
-fn invalid(errors: Vec<crate::domain::FieldError>) -> ApiError {
-    let code = if errors.iter().any(|e| e.field == "model") { "unknown_model" } else { "validation_error" };
-    ApiError::Validation { code, errors }
-}
-
 /// The caller's conversations, newest activity first.
 #[utoipa::path(get, path = "/api/conversations", tag = "conversations", security(("bearer" = [])),
     params(PageQuery),
@@ -108,10 +97,6 @@ pub struct ConversationWithMessages {
     pub conversation: ConversationView,
     /// The latest 50 messages, oldest first.
     pub messages: Vec<MessageView>,
-}
-
-pub async fn owned_conversation(state: &AppState, auth: &AuthUser, id: &str) -> ApiResult<ConversationRecord> {
-    state.store.conversation(id, &auth.user.id).await?.ok_or(ApiError::NotFound)
 }
 
 /// A conversation with its latest messages.
@@ -238,28 +223,6 @@ pub async fn post_message(
     headers: HeaderMap,
     ApiJson(body): ApiJson<PostMessageBody>,
 ) -> ApiResult<Response> {
-    let sent = streaming::send_to_conversation(&state, &auth, &headers, id.one(), body.content, body.model).await?;
-    streaming::post_message_response(state, &headers, sent).await
-}
-
-/// Checks a message's text (under `field`) and its optional model override.
-/// The one check of a message's text, for REST bodies and both kinds of
-/// socket frames alike.
-pub fn validate_message(
-    state: &AppState,
-    field: &str,
-    content: impl Into<serde_json::Value>,
-    model: Option<String>,
-) -> ApiResult<(MessageContent, Option<ModelId>)> {
-    let mut v = Validator::new();
-    let content =
-        v.check(field, MessageContent::from_json(content.into(), state.settings.chat.max_message_chars as usize));
-    let model = check_model(state, &mut v, model);
-    v.finish().map_err(invalid)?;
-    Ok((content.expect("validated above"), model))
-}
-
-/// `validate_message` for a text without a model override.
-pub fn validate_content(state: &AppState, content: impl Into<serde_json::Value>) -> ApiResult<MessageContent> {
-    validate_message(state, "content", content, None).map(|(content, _)| content)
+    let sent = send::send_to_conversation(&state, &auth, &headers, id.one(), body.content, body.model).await?;
+    send::post_message_response(state, &headers, sent).await
 }

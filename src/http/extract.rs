@@ -144,6 +144,15 @@ fn check_csrf(method: &Method, headers: &HeaderMap, state: &AppState, auth: &Ses
     }
 }
 
+/// The caller's conversation: someone else's answers 404 like a missing one.
+pub async fn owned_conversation(
+    state: &AppState,
+    auth: &AuthUser,
+    id: &str,
+) -> Result<crate::store::ConversationRecord, ApiError> {
+    state.store.conversation(id, &auth.user.id).await?.ok_or(ApiError::NotFound)
+}
+
 /// A JSON body, with errors in our format: 415 for another content type,
 /// 400 for malformed JSON, 413 past the body limit, 422 naming the field
 /// for wrong types or missing fields.

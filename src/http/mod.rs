@@ -11,6 +11,7 @@ pub mod extract;
 pub mod framing;
 pub mod middleware;
 pub mod ops;
+pub mod send;
 pub mod serve;
 pub mod socket;
 pub mod streaming;
@@ -71,7 +72,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(streaming::resume))
         .routes(routes!(streaming::cancel))
         .routes(routes!(chat::chat))
-        .routes(routes!(streaming::chat_stream))
+        .routes(routes!(chat::chat_stream))
         .routes(routes!(ws::chat_socket))
         .routes(routes!(chat::history))
         .routes(routes!(chat::models))

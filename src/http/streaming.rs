@@ -9,7 +9,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Json,
     extract::State,
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, header},
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -20,15 +20,13 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AppState,
-    chat::ChatBody,
-    conversations::{owned_conversation, validate_message},
-    docs::{IdempotencyKey, LastEventId},
+    docs::LastEventId,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, UuidPath, parse_uuid},
+    extract::{AuthUser, UuidPath, owned_conversation},
     views::{ErrorBody, MessageView},
 };
 use crate::{
-    chat::{self as replies, ReplyEvent, Sent, Target},
+    chat::{self as replies, ReplyEvent, Sent},
     domain::conversation::{MessageRole, MessageStatus},
     store::MessageRecord,
 };
@@ -41,15 +39,6 @@ pub fn wants_sse(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.to_ascii_lowercase().contains("text/event-stream"))
 }
 
-/// The `Idempotency-Key` header, scoped to the route family it was sent to.
-pub fn idempotency_key(headers: &HeaderMap, scope: &str) -> ApiResult<Option<String>> {
-    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = raw.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= 200).ok_or_else(|| {
-        ApiError::invalid_field("validation_error", "Idempotency-Key", "must be 1 to 200 visible ASCII characters")
-    })?;
-    Ok(Some(format!("{scope}:{key}")))
-}
-
 /// The error a failed reply answers with: 504 for a timeout, else 502.
 pub fn reply_failure(message: &MessageRecord, extra: Map<String, Value>) -> ApiError {
     let code = message.error_code.clone().unwrap_or_else(|| "provider_error".into());
@@ -59,20 +48,6 @@ pub fn reply_failure(message: &MessageRecord, extra: Map<String, Value>) -> ApiE
         _ => format!("The AI provider failed: {}.", message.error.as_deref().unwrap_or("unknown error")),
     };
     ApiError::ReplyFailed { code, detail, extra }
-}
-
-/// Waits for the reply of a send and answers as the synchronous API does.
-pub async fn await_reply(state: &Arc<AppState>, sent: &Sent) -> ApiResult<MessageRecord> {
-    let done = replies::finished(state.clone(), sent.assistant_message.clone())
-        .await
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
-    if done.status == MessageStatus::Failed {
-        let mut extra = Map::new();
-        extra.insert("user_message".into(), json!(MessageView::from(&sent.user_message)));
-        extra.insert("assistant_message".into(), json!(MessageView::from(done.as_ref())));
-        return Err(reply_failure(&done, extra));
-    }
-    Ok(done.as_ref().clone())
 }
 
 fn event(name: &str, id: String, data: Value) -> Event {
@@ -119,22 +94,6 @@ pub fn send_events(state: Arc<AppState>, sent: Sent, with_conversation: bool) ->
     user_message["assistant_message_id"] = json!(sent.assistant_message.id);
     head.push(event("user_message", "0".into(), user_message));
     sse(stream::iter(head).chain(reply_events(state, sent.assistant_message, 0)))
-}
-
-/// The same, framed for `POST /api/chat/stream`.
-#[utoipa::path(post, path = "/api/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
-    params(IdempotencyKey),
-    responses((status = 200, content_type = "text/event-stream",
-        description = "`conversation` → `user_message` → `delta`… → `done` | `error`"),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn chat_stream(
-    State(state): State<Arc<AppState>>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<ChatBody>,
-) -> ApiResult<Response> {
-    let sent = super::chat::send_chat(&state, &auth, &headers, body).await?;
-    Ok(send_events(state, sent, true))
 }
 
 /// The byte offset named by a `Last-Event-ID` (`"123"` or `"123:end"`).
@@ -189,55 +148,4 @@ pub async fn cancel(State(state): State<Arc<AppState>>, auth: AuthUser, ids: Uui
         .await
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
     Ok(Json(MessageView::from(done.as_ref())))
-}
-
-/// `201 {user_message, assistant_message}` or the SSE stream.
-pub async fn post_message_response(state: Arc<AppState>, headers: &HeaderMap, sent: Sent) -> ApiResult<Response> {
-    if wants_sse(headers) {
-        return Ok(send_events(state, sent, false));
-    }
-    let assistant = await_reply(&state, &sent).await?;
-    let body = json!({
-        "user_message": MessageView::from(&sent.user_message),
-        "assistant_message": MessageView::from(&assistant),
-    });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
-}
-
-/// Checks a chat body and sends it (creating the conversation if needed).
-pub async fn parse_chat_target(state: &AppState, auth: &AuthUser, conversation_id: Option<&str>) -> ApiResult<Target> {
-    match conversation_id {
-        None => Ok(Target::New),
-        Some(id) => {
-            let id = parse_uuid(id).ok_or_else(|| {
-                ApiError::invalid(vec![crate::domain::FieldError::new("conversation_id", "must be a UUID")])
-            })?;
-            Ok(Target::Existing(owned_conversation(state, auth, &id).await?))
-        }
-    }
-}
-
-/// Validates and sends a message body for the conversation routes.
-pub async fn send_to_conversation(
-    state: &Arc<AppState>,
-    auth: &AuthUser,
-    headers: &HeaderMap,
-    conversation_id: &str,
-    content: String,
-    model: Option<String>,
-) -> ApiResult<Sent> {
-    let conversation = owned_conversation(state, auth, conversation_id).await?;
-    let (content, model) = validate_message(state, "content", content, model)?;
-    replies::send(
-        state,
-        replies::SendRequest {
-            user_id: auth.user.id.clone(),
-            target: Target::Existing(conversation),
-            content,
-            model,
-            idempotency_key: idempotency_key(headers, "messages")?,
-        },
-    )
-    .await
-    .map_err(Into::into)
 }

@@ -18,7 +18,7 @@ use super::{
     docs::{IdempotencyKey, MessageText},
     error::{ApiError, ApiResult},
     extract::{ApiJson, AuthUser, ClientIp, Cursor, CursorQuery, PageQuery, Pagination, UuidPath, bearer},
-    streaming::idempotency_key,
+    send::idempotency_key,
     views::{CursorPage, ErrorBody, Items, Page},
 };
 use crate::{
@@ -184,7 +184,7 @@ pub struct ContentBody {
 }
 
 fn content(state: &AppState, body: ContentBody) -> ApiResult<MessageContent> {
-    super::conversations::validate_content(state, body.content)
+    super::send::validate_content(state, body.content)
 }
 
 /// The visitor writes; in AI mode the AI's reply comes back too.

@@ -497,7 +497,7 @@ fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
 }
 
 fn parse_content(state: &AppState, content: Value) -> Result<MessageContent, ApiError> {
-    super::conversations::validate_content(state, content)
+    super::send::validate_content(state, content)
 }
 
 async fn client_message(state: &Arc<AppState>, session_id: &str, content: Value) -> Result<(), ApiError> {

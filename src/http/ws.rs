@@ -29,14 +29,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AppState,
-    conversations::validate_message,
     error::ApiError,
     extract::AuthUser,
+    send::{parse_chat_target, validate_message},
     socket::{
         Admit, CLOSE_POLICY_VIOLATION, FrameBudget, HEARTBEAT, Outbox, SocketUser, close_for_read_error, close_message,
         drain, rate_limited, spawn_writer,
     },
-    streaming::{parse_chat_target, reply_failure},
+    streaming::reply_failure,
     views::{ErrorBody, MessageView},
 };
 use crate::{

@@ -64,7 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::io::stdin().lock().read_line(&mut password)?;
             let password = password.trim_end_matches(['\n', '\r']).to_owned();
             let state = startup::build_state(cli.settings, Arc::new(SystemClock), Arc::new(UuidIds)).await?;
-            let user = palaver::accounts::create_admin(&state, &email, username.as_deref(), password).await?;
+            let user = state.accounts.create_admin(&email, username.as_deref(), password).await?;
             println!("created admin {} ({})", user.email.as_deref().unwrap_or_default(), user.id);
             Ok(())
         }

@@ -85,15 +85,15 @@ impl Application {
         };
         let limits = http::serve::Limits::from_settings(&self.state.settings.server);
         http::serve::serve(self.listener, router, limits, signal, grace).await;
-        if !self.state.replies.drain(grace).await {
+        if !self.state.chat.replies.drain(grace).await {
             tracing::warn!(
-                running = self.state.replies.running(),
+                running = self.state.chat.replies.running(),
                 "replies still generating at exit; the next start marks them failed"
             );
         }
-        if !self.state.replies.usage.flush(&self.state.store).await {
+        if !self.state.chat.replies.usage.flush(&self.state.store).await {
             tracing::warn!(
-                tokens = self.state.replies.usage.pending_tokens(),
+                tokens = self.state.chat.replies.usage.pending_tokens(),
                 "usage totals could not be written before exit"
             );
         }
@@ -146,25 +146,41 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
     metrics::gauge!("palaver_support_queue_length").set(store.support_queue().await?.len() as f64);
     let counters =
         redis.clone().map(|client| crate::limits::SharedCounters::new(client, &settings.server.redis_prefix));
-    let support = crate::desk::SupportDesk::new(
+    let hasher = PasswordHasher::new();
+    let accounts = crate::accounts::Accounts {
+        store: store.clone(),
+        clock: clock.clone(),
+        ids: ids.clone(),
+        hasher: hasher.clone(),
+    };
+    let chat = Arc::new(crate::chat::Chat {
+        store: store.clone(),
+        providers: providers.clone(),
+        clock: clock.clone(),
+        ids: ids.clone(),
+        replies: Default::default(),
+        settings: settings.chat.clone(),
+    });
+    let desk = Arc::new(crate::desk::Desk::new(
+        chat.clone(),
         crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.server.redis_prefix, shutdown.clone()).await,
-        &settings.support.support_handoff_phrases,
-        settings.support.support_sessions_per_ip,
+        &settings.support,
         counters.clone(),
-    );
+    ));
     let login_throttle = crate::limits::LoginThrottle::new(counters, settings.auth.registrations_per_ip);
     Ok(AppState {
         store,
         clock,
         ids,
         keys: TokenKeys::new(&secret),
-        hasher: PasswordHasher::new(),
+        hasher,
+        accounts,
         providers,
         settings: Arc::new(settings),
         metrics: Some(metrics_handle()),
-        replies: Default::default(),
+        chat,
+        desk,
         login_throttle,
-        support,
         redis,
         shutdown,
     })
@@ -227,7 +243,9 @@ async fn sweep_abandoned_replies(
 ) -> Result<(), crate::store::StoreError> {
     let mut failed = 0;
     for id in state.store.stale_streaming(stale_before, 500).await? {
-        if state.replies.get(&id).is_none() && state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await? {
+        if state.chat.replies.get(&id).is_none()
+            && state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await?
+        {
             failed += 1;
         }
     }

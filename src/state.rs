@@ -1,6 +1,7 @@
-//! The state every part of the server shares: storage, time, keys,
-//! providers, settings, the replies running here, the support desk and the
-//! login throttle. Time, providers and storage are injected so tests can
+//! The state the web side shares: the reply engine (`chat`) and the support
+//! desk (`desk`), each with its own narrow handle, and what the handlers
+//! themselves need (storage, time, ids, token keys, settings, the login
+//! throttle). Time, ids, providers and storage are injected so tests can
 //! control them.
 
 use std::sync::Arc;
@@ -23,14 +24,18 @@ pub struct AppState {
     pub ids: Arc<dyn crate::ids::Ids>,
     pub keys: TokenKeys,
     pub hasher: PasswordHasher,
+    /// Account management (the CLI uses it too).
+    pub accounts: crate::accounts::Accounts,
     pub providers: Providers,
     pub settings: Arc<Settings>,
     pub metrics: Option<PrometheusHandle>,
-    pub replies: crate::chat::Replies,
+    /// The reply engine.
+    pub chat: Arc<crate::chat::Chat>,
+    /// The support desk.
+    pub desk: Arc<crate::desk::Desk>,
     pub login_throttle: crate::limits::LoginThrottle,
     /// Set when REDIS_URL is: shared state for several instances.
     pub redis: Option<redis::Client>,
-    pub support: crate::desk::SupportDesk,
     /// Cancelled when the server stops; background tasks end with it.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

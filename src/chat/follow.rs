@@ -6,10 +6,9 @@ use std::{sync::Arc, time::Duration};
 use futures::{Stream, StreamExt};
 use tokio::sync::broadcast;
 
-use super::live::ReplyEvent;
+use super::{Chat, live::ReplyEvent};
 use crate::{
     domain::conversation::MessageStatus,
-    state::AppState,
     store::{MessageRecord, StoreError},
 };
 
@@ -20,77 +19,108 @@ const REMOTE_POLL: Duration = Duration::from_millis(200);
 /// live rest, ending with `Finished`. Works for replies running here, for
 /// replies running on another instance (by polling the database) and for
 /// finished replies (from the database).
-pub fn follow(state: Arc<AppState>, message: MessageRecord, from: usize) -> impl Stream<Item = ReplyEvent> + Send {
-    // A small bounded hand-off: a slow reader stalls this task, which then
-    // lags on the broadcast and catches up from the text in one piece, so
-    // memory per follower stays bounded whatever the reader's speed.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<ReplyEvent>(16);
-    tokio::spawn(async move {
-        let mut sent = from;
-        if let Some(live) = state.replies.get(&message.id) {
-            let (text, finished, mut events) = live.snapshot();
-            if !emit_from(&tx, &text, &mut sent).await {
-                return;
+impl Chat {
+    pub fn follow(
+        self: &Arc<Self>,
+        message: MessageRecord,
+        from: usize,
+    ) -> impl Stream<Item = ReplyEvent> + Send + use<> {
+        let chat = self.clone();
+        // A small bounded hand-off: a slow reader stalls this task, which then
+        // lags on the broadcast and catches up from the text in one piece, so
+        // memory per follower stays bounded whatever the reader's speed.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ReplyEvent>(16);
+        tokio::spawn(async move {
+            let mut sent = from;
+            if let Some(live) = chat.replies.get(&message.id) {
+                let (text, finished, mut events) = live.snapshot();
+                if !emit_from(&tx, &text, &mut sent).await {
+                    return;
+                }
+                if let Some(done) = finished {
+                    let _ = tx.send(ReplyEvent::Finished(done)).await;
+                    return;
+                }
+                loop {
+                    match events.recv().await {
+                        Ok(ReplyEvent::Delta { text: delta, offset }) => {
+                            if offset <= sent {
+                                continue;
+                            }
+                            let start = offset - delta.len();
+                            let piece = if start >= sent { delta } else { delta[sent - start..].to_owned() };
+                            sent = offset;
+                            if tx.send(ReplyEvent::Delta { text: piece, offset }).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(done @ ReplyEvent::Finished(_)) => {
+                            let _ = tx.send(done).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Fell behind: send the text missed in one piece.
+                            let (text, finished, fresh) = live.snapshot();
+                            events = fresh;
+                            if !emit_from(&tx, &text, &mut sent).await {
+                                return;
+                            }
+                            if let Some(done) = finished {
+                                let _ = tx.send(ReplyEvent::Finished(done)).await;
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
             }
-            if let Some(done) = finished {
-                let _ = tx.send(ReplyEvent::Finished(done)).await;
-                return;
-            }
+            // Not running here (or just finished): read the database until done.
             loop {
-                match events.recv().await {
-                    Ok(ReplyEvent::Delta { text: delta, offset }) => {
-                        if offset <= sent {
-                            continue;
-                        }
-                        let start = offset - delta.len();
-                        let piece = if start >= sent { delta } else { delta[sent - start..].to_owned() };
-                        sent = offset;
-                        if tx.send(ReplyEvent::Delta { text: piece, offset }).await.is_err() {
-                            return;
-                        }
+                let current = match chat.store.message(&message.conversation_id, &message.id).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = e.to_string().as_str(), "reading a followed reply failed");
+                        tokio::time::sleep(REMOTE_POLL).await;
+                        continue;
                     }
-                    Ok(done @ ReplyEvent::Finished(_)) => {
-                        let _ = tx.send(done).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Fell behind: send the text missed in one piece.
-                        let (text, finished, fresh) = live.snapshot();
-                        events = fresh;
-                        if !emit_from(&tx, &text, &mut sent).await {
-                            return;
-                        }
-                        if let Some(done) = finished {
-                            let _ = tx.send(ReplyEvent::Finished(done)).await;
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if !emit_from(&tx, &current.content, &mut sent).await {
+                    return;
                 }
+                if current.status != MessageStatus::Streaming {
+                    let _ = tx.send(ReplyEvent::Finished(Arc::new(current))).await;
+                    return;
+                }
+                tokio::time::sleep(REMOTE_POLL).await;
+            }
+        });
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    /// Waits for a reply's final message.
+    pub async fn finished(self: &Arc<Self>, message: MessageRecord) -> Option<Arc<MessageRecord>> {
+        let events = self.follow(message, usize::MAX);
+        tokio::pin!(events);
+        while let Some(event) = events.next().await {
+            if let ReplyEvent::Finished(m) = event {
+                return Some(m);
             }
         }
-        // Not running here (or just finished): read the database until done.
-        loop {
-            let current = match state.store.message(&message.conversation_id, &message.id).await {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = e.to_string().as_str(), "reading a followed reply failed");
-                    tokio::time::sleep(REMOTE_POLL).await;
-                    continue;
-                }
-            };
-            if !emit_from(&tx, &current.content, &mut sent).await {
-                return;
+        None
+    }
+
+    /// Cancels a reply: at once when it runs on this instance, else through
+    /// the database at the generator's next save. False when it is not streaming.
+    pub async fn cancel(&self, message_id: &str) -> Result<bool, StoreError> {
+        match self.replies.get(message_id) {
+            Some(live) => {
+                live.cancel();
+                Ok(true)
             }
-            if current.status != MessageStatus::Streaming {
-                let _ = tx.send(ReplyEvent::Finished(Arc::new(current))).await;
-                return;
-            }
-            tokio::time::sleep(REMOTE_POLL).await;
+            None => self.store.request_cancel(message_id).await,
         }
-    });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
 }
 
 /// Sends `text[sent..]` as one delta if there is any; false when the
@@ -106,28 +136,4 @@ async fn emit_from(tx: &tokio::sync::mpsc::Sender<ReplyEvent>, text: &str, sent:
         return tx.send(ReplyEvent::Delta { text: piece, offset: *sent }).await.is_ok();
     }
     true
-}
-
-/// Waits for a reply's final message.
-pub async fn finished(state: Arc<AppState>, message: MessageRecord) -> Option<Arc<MessageRecord>> {
-    let events = follow(state, message, usize::MAX);
-    tokio::pin!(events);
-    while let Some(event) = events.next().await {
-        if let ReplyEvent::Finished(m) = event {
-            return Some(m);
-        }
-    }
-    None
-}
-
-/// Cancels a reply: at once when it runs on this instance, else through
-/// the database at the generator's next save. False when it is not streaming.
-pub async fn cancel(state: &AppState, message_id: &str) -> Result<bool, StoreError> {
-    match state.replies.get(message_id) {
-        Some(live) => {
-            live.cancel();
-            Ok(true)
-        }
-        None => state.store.request_cancel(message_id).await,
-    }
 }

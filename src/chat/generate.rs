@@ -5,45 +5,52 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 
-use super::live::LiveReply;
+use super::{Chat, live::LiveReply};
 use crate::{
     domain::{
         context::ChatMessage,
         conversation::{MessageStatus, ModelId},
     },
     providers::{ChatEvent, ProviderError, Usage},
-    state::AppState,
     store::{ConversationRecord, MessageRecord, MessageUpdate},
 };
 
-/// Runs a reply detached from the request that asked for it.
-pub(super) fn start_generation(
-    state: &Arc<AppState>,
-    placeholder: &MessageRecord,
-    user_id: &str,
-    model: ModelId,
-    conversation: ConversationRecord,
-    upto_seq: i64,
-) {
-    let live = Arc::new(LiveReply::new(&placeholder.id, &placeholder.conversation_id, user_id));
-    state.replies.live.lock().expect("replies lock poisoned").insert(live.message_id.clone(), live.clone());
-    let state = state.clone();
-    let base = placeholder.clone();
-    state.clone().replies.tasks.spawn(async move {
-        let heartbeat = tokio::spawn(keep_alive(state.clone(), live.clone()));
-        let (outcome, answered_by) = match super::send::build_context(&state, &conversation, &model, upto_seq).await {
-            Ok(context) => generate(&state, &live, &model, context).await,
-            Err(e) => (
-                Outcome::Failed { code: "context_unavailable", error: format!("the history could not be read: {e}") },
-                model,
-            ),
-        };
-        heartbeat.abort();
-        let message = finalize(&state, &live, base, &answered_by, outcome).await;
-        live.finish(Arc::new(message));
-        state.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
-    });
+impl Chat {
+    /// Runs a reply detached from the request that asked for it.
+    pub(super) fn start_generation(
+        self: &Arc<Self>,
+        placeholder: &MessageRecord,
+        user_id: &str,
+        model: ModelId,
+        conversation: ConversationRecord,
+        upto_seq: i64,
+    ) {
+        let live = Arc::new(LiveReply::new(&placeholder.id, &placeholder.conversation_id, user_id));
+        self.replies.live.lock().expect("replies lock poisoned").insert(live.message_id.clone(), live.clone());
+        let chat = self.clone();
+        let base = placeholder.clone();
+        self.replies.tasks.spawn(async move {
+            let heartbeat = tokio::spawn(chat.clone().keep_alive(live.clone()));
+            let (outcome, answered_by) = match chat.build_context(&conversation, &model, upto_seq).await {
+                Ok(context) => chat.generate(&live, &model, context).await,
+                Err(e) => (
+                    Outcome::Failed {
+                        code: "context_unavailable",
+                        error: format!("the history could not be read: {e}"),
+                    },
+                    model,
+                ),
+            };
+            heartbeat.abort();
+            let message = chat.finalize(&live, base, &answered_by, outcome).await;
+            live.finish(Arc::new(message));
+            chat.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
+        });
+    }
 }
+
+/// The longest pause between two tries of a reply's final write.
+const MAX_FINAL_WRITE_BACKOFF: Duration = Duration::from_secs(5);
 
 enum Outcome {
     Complete(Option<Usage>),
@@ -57,130 +64,127 @@ impl Outcome {
     }
 }
 
-/// Runs the provider stream into the live reply. Timeouts, retries and
-/// fallback models are the provider layer's; this answers which model replied.
-async fn generate(
-    state: &AppState,
-    live: &LiveReply,
-    model: &ModelId,
-    context: Vec<ChatMessage>,
-) -> (Outcome, ModelId) {
-    let stream = tokio::select! {
-        _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
-        started = state.providers.stream(model, context) => match started {
-            Err(e) => return (Outcome::failed(&e), model.clone()),
-            Ok(s) => s,
-        },
-    };
-    let answered_by = stream.model().clone();
-    tokio::pin!(stream);
-    let mut usage = None;
-    let outcome = loop {
-        tokio::select! {
-            _ = live.cancel.cancelled() => break Outcome::Cancelled,
-            next = stream.next() => match next {
-                None => break Outcome::Complete(usage),
-                Some(Err(e)) => break Outcome::failed(&e),
-                Some(Ok(ChatEvent::Delta(d))) => {
-                    if !d.is_empty() {
-                        live.push(&d);
-                    }
-                }
-                Some(Ok(ChatEvent::Usage(u))) => usage = Some(u),
+impl Chat {
+    /// Runs the provider stream into the live reply. Timeouts, retries and
+    /// fallback models are the provider layer's; this answers which model replied.
+    async fn generate(&self, live: &LiveReply, model: &ModelId, context: Vec<ChatMessage>) -> (Outcome, ModelId) {
+        let stream = tokio::select! {
+            _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
+            started = self.providers.stream(model, context) => match started {
+                Err(e) => return (Outcome::failed(&e), model.clone()),
+                Ok(s) => s,
             },
-        }
-    };
-    (outcome, answered_by)
-}
-
-/// Saves the partial text every flush interval while the reply runs: the
-/// most a crash can lose, this generator's heartbeat (kept up while the
-/// provider is still thinking), and how a cancel asked on another instance
-/// arrives. It runs beside the generator, so a slow database never holds
-/// up the text.
-async fn keep_alive(state: Arc<AppState>, live: Arc<LiveReply>) {
-    let mut flush = tokio::time::interval(Duration::from_millis(state.settings.chat.stream_flush_ms.max(10)));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    flush.tick().await;
-    loop {
-        flush.tick().await;
-        match state.store.save_partial(&live.message_id, &live.text(), state.clock.now_ms()).await {
-            Ok(true) => live.cancel(),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = e.to_string().as_str(), "could not save a reply's partial text"),
-        }
-    }
-}
-
-/// The longest pause between two tries of a reply's final write.
-const MAX_FINAL_WRITE_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Writes the reply's final state. Followers are told the reply finished
-/// only once it is stored, so the write is retried, with backoff, until the
-/// database takes it or the process stops: a reply that stayed `streaming`
-/// would later be reported as interrupted although it completed.
-async fn finalize(
-    state: &AppState,
-    live: &LiveReply,
-    mut message: MessageRecord,
-    model: &ModelId,
-    outcome: Outcome,
-) -> MessageRecord {
-    message.content = live.text();
-    match outcome {
-        Outcome::Complete(usage) => {
-            // The provider layer always ends with usage; this is belt and braces.
-            let usage = usage.unwrap_or_else(|| Usage {
-                prompt_tokens: 0,
-                completion_tokens: crate::domain::context::estimate_tokens(&message.content) as i64,
-                estimated: true,
-            });
-            state
-                .replies
-                .usage
-                .add(&state.store, &live.user_id, state.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens)
-                .await;
-            message.status = MessageStatus::Complete;
-            message.prompt_tokens = Some(usage.prompt_tokens);
-            message.completion_tokens = Some(usage.completion_tokens);
-            message.usage_estimated = usage.estimated;
-        }
-        Outcome::Cancelled => message.status = MessageStatus::Cancelled,
-        Outcome::Failed { code, error } => {
-            message.status = MessageStatus::Failed;
-            message.error_code = Some(code.to_owned());
-            message.error = Some(error);
-        }
-    }
-    message.model = Some(model.to_string());
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 1u64.. {
-        let update = MessageUpdate {
-            content: &message.content,
-            status: message.status,
-            model: message.model.as_deref(),
-            prompt_tokens: message.prompt_tokens,
-            completion_tokens: message.completion_tokens,
-            usage_estimated: message.usage_estimated,
-            error: message.error.as_deref(),
-            error_code: message.error_code.as_deref(),
-            now: state.clock.now_ms(),
         };
-        match state.store.finish_message(&message.id, update).await {
-            Ok(()) => {
-                if attempt > 1 {
-                    tracing::info!(attempt, "stored a finished reply after the database came back");
-                }
-                break;
+        let answered_by = stream.model().clone();
+        tokio::pin!(stream);
+        let mut usage = None;
+        let outcome = loop {
+            tokio::select! {
+                _ = live.cancel.cancelled() => break Outcome::Cancelled,
+                next = stream.next() => match next {
+                    None => break Outcome::Complete(usage),
+                    Some(Err(e)) => break Outcome::failed(&e),
+                    Some(Ok(ChatEvent::Delta(d))) => {
+                        if !d.is_empty() {
+                            live.push(&d);
+                        }
+                    }
+                    Some(Ok(ChatEvent::Usage(u))) => usage = Some(u),
+                },
             }
-            Err(e) => {
-                tracing::error!(error = e.to_string().as_str(), attempt, "could not store a finished reply; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_FINAL_WRITE_BACKOFF);
+        };
+        (outcome, answered_by)
+    }
+
+    /// Saves the partial text every flush interval while the reply runs: the
+    /// most a crash can lose, this generator's heartbeat (kept up while the
+    /// provider is still thinking), and how a cancel asked on another instance
+    /// arrives. It runs beside the generator, so a slow database never holds
+    /// up the text.
+    async fn keep_alive(self: Arc<Self>, live: Arc<LiveReply>) {
+        let mut flush = tokio::time::interval(Duration::from_millis(self.settings.stream_flush_ms.max(10)));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.tick().await;
+        loop {
+            flush.tick().await;
+            match self.store.save_partial(&live.message_id, &live.text(), self.clock.now_ms()).await {
+                Ok(true) => live.cancel(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = e.to_string().as_str(), "could not save a reply's partial text"),
             }
         }
     }
-    message
+
+    /// Writes the reply's final self. Followers are told the reply finished
+    /// only once it is stored, so the write is retried, with backoff, until the
+    /// database takes it or the process stops: a reply that stayed `streaming`
+    /// would later be reported as interrupted although it completed.
+    async fn finalize(
+        &self,
+        live: &LiveReply,
+        mut message: MessageRecord,
+        model: &ModelId,
+        outcome: Outcome,
+    ) -> MessageRecord {
+        message.content = live.text();
+        match outcome {
+            Outcome::Complete(usage) => {
+                // The provider layer always ends with usage; this is belt and braces.
+                let usage = usage.unwrap_or_else(|| Usage {
+                    prompt_tokens: 0,
+                    completion_tokens: crate::domain::context::estimate_tokens(&message.content) as i64,
+                    estimated: true,
+                });
+                self.replies
+                    .usage
+                    .add(&self.store, &live.user_id, self.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens)
+                    .await;
+                message.status = MessageStatus::Complete;
+                message.prompt_tokens = Some(usage.prompt_tokens);
+                message.completion_tokens = Some(usage.completion_tokens);
+                message.usage_estimated = usage.estimated;
+            }
+            Outcome::Cancelled => message.status = MessageStatus::Cancelled,
+            Outcome::Failed { code, error } => {
+                message.status = MessageStatus::Failed;
+                message.error_code = Some(code.to_owned());
+                message.error = Some(error);
+            }
+        }
+        message.model = Some(model.to_string());
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1u64.. {
+            let update = MessageUpdate {
+                content: &message.content,
+                status: message.status,
+                model: message.model.as_deref(),
+                prompt_tokens: message.prompt_tokens,
+                completion_tokens: message.completion_tokens,
+                usage_estimated: message.usage_estimated,
+                error: message.error.as_deref(),
+                error_code: message.error_code.as_deref(),
+                now: self.clock.now_ms(),
+            };
+            match self.store.finish_message(&message.id, update).await {
+                Ok(()) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "stored a finished reply after the database came back");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = e.to_string().as_str(),
+                        attempt,
+                        "could not store a finished reply; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_FINAL_WRITE_BACKOFF);
+                }
+            }
+        }
+        message
+    }
 }
 
 pub fn provider_error_code(e: &ProviderError) -> &'static str {

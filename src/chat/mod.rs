@@ -12,13 +12,30 @@
 //!   resume sends exactly what was missed; and cancelling.
 //! - `usage`: token totals kept through database outages.
 
+//!
+//! All of it hangs off `Chat`, which holds only what the engine needs.
+
 mod follow;
 mod generate;
 mod live;
 mod send;
 pub mod usage;
 
-pub use follow::{cancel, finished, follow};
+use std::sync::Arc;
+
 pub use generate::provider_error_code;
 pub use live::{LiveReply, Replies, ReplyEvent};
-pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send, send_hash, store_send};
+pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send_hash};
+
+use crate::{clock::Clock, config::ChatSettings, ids::Ids, providers::Providers, store::Store};
+
+/// The reply engine's handle: storage, the providers, time, ids, the
+/// replies running here and its settings — nothing of the web.
+pub struct Chat {
+    pub store: Store,
+    pub providers: Providers,
+    pub clock: Arc<dyn Clock>,
+    pub ids: Arc<dyn Ids>,
+    pub replies: Replies,
+    pub settings: ChatSettings,
+}

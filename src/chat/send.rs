@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::Chat;
 use crate::{
     domain::{
         context::{ChatMessage, ChatRole, fit_history},
         conversation::{MessageContent, MessageRole, MessageStatus, ModelId, Title},
     },
     error::Error,
-    state::AppState,
     store::{ConversationRecord, Exchange, ExchangeOutcome, IdempotentSend, MessageRecord, NewMessage, StoreError},
 };
 
@@ -46,49 +46,6 @@ pub struct Sent {
     pub assistant_message: MessageRecord,
 }
 
-/// Stores the user message and the reply's placeholder (on disk before this
-/// returns), starts the reply and returns both messages. A retry with the
-/// same idempotency key returns the original messages and starts nothing.
-pub async fn send(state: &Arc<AppState>, req: SendRequest) -> Result<Sent, Error> {
-    let model = match req.model.clone().or_else(|| match &req.target {
-        Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
-        Target::New => None,
-    }) {
-        Some(m) if state.providers.validate_model(&m.to_string()).is_ok() => m,
-        _ => state.providers.default_model().clone(),
-    };
-    let stored = store_send(
-        state,
-        StoreSend {
-            owner: &req.user_id,
-            target: &req.target,
-            content: req.content.as_str(),
-            request_hash: request_hash(&req),
-            idempotency_key: req.idempotency_key.as_deref(),
-            answer_with: Some(&model),
-            requested_model: req.model.as_ref(),
-        },
-    )
-    .await?;
-    let assistant_message = stored.assistant.ok_or_else(|| anyhow::anyhow!("a send stored no reply placeholder"))?;
-    if stored.fresh {
-        super::generate::start_generation(
-            state,
-            &assistant_message,
-            &req.user_id,
-            model,
-            stored.conversation,
-            stored.user_message.seq,
-        );
-    }
-    Ok(Sent {
-        conversation_id: assistant_message.conversation_id.clone(),
-        fresh: stored.fresh,
-        user_message: stored.user_message,
-        assistant_message,
-    })
-}
-
 /// One message to store, with or without a reply to generate.
 pub struct StoreSend<'a> {
     /// Who owns the conversation (and the idempotency key).
@@ -113,82 +70,155 @@ pub struct Stored {
     pub assistant: Option<MessageRecord>,
 }
 
-/// The one idempotent write of every send (chat, socket, support): the key
-/// is claimed in the transaction that stores the messages, so a retry finds
-/// the original's messages at once — or, when their conversation was deleted
-/// since, a 404 — and never waits for a request that no longer runs.
-pub async fn store_send(state: &AppState, send: StoreSend<'_>) -> Result<Stored, Error> {
-    let now = state.clock.now_ms();
-    let conversation = match send.target {
-        Target::Existing(c) => c.clone(),
-        Target::New => ConversationRecord {
-            id: state.ids.random(),
-            user_id: send.owner.to_owned(),
-            title: None,
-            system_prompt: None,
-            model: send.requested_model.map(ToString::to_string),
-            message_count: 0,
-            last_message_at: None,
-            created_at: now,
-            updated_at: now,
-        },
-    };
-    let ids = IdempotentSend {
-        request_hash: send.request_hash,
-        conversation_id: conversation.id.clone(),
-        user_message_id: state.ids.ordered(),
-        assistant_message_id: send.answer_with.map(|_| state.ids.ordered()).unwrap_or_default(),
-    };
-    let title = conversation.title.is_none().then(|| Title::derive_from(send.content).into_inner());
-    let model_name = send.answer_with.map(ToString::to_string);
-    let exchange = Exchange {
-        idempotency: send.idempotency_key.map(|key| (send.owner, key, &ids)),
-        new_conversation: matches!(send.target, Target::New).then_some(&conversation),
-        user_message: NewMessage {
-            id: &ids.user_message_id,
-            conversation_id: &conversation.id,
-            role: MessageRole::User,
-            content: send.content,
-            status: MessageStatus::Complete,
-            model: None,
-            now,
-        },
-        assistant: send.answer_with.map(|_| NewMessage {
-            id: &ids.assistant_message_id,
-            conversation_id: &conversation.id,
-            role: MessageRole::Assistant,
-            content: "",
-            status: MessageStatus::Streaming,
-            model: model_name.as_deref(),
-            now,
-        }),
-        title_if_none: title.as_deref(),
-    };
-    match state.store.insert_exchange(exchange).await? {
-        ExchangeOutcome::Stored { user_message, assistant } => {
-            Ok(Stored { fresh: true, conversation, user_message: *user_message, assistant: assistant.map(|a| *a) })
+impl Chat {
+    /// Stores the user message and the reply's placeholder (on disk before this
+    /// returns), starts the reply and returns both messages. A retry with the
+    /// same idempotency key returns the original messages and starts nothing.
+    pub async fn send(self: &Arc<Self>, req: SendRequest) -> Result<Sent, Error> {
+        let model = match req.model.clone().or_else(|| match &req.target {
+            Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
+            Target::New => None,
+        }) {
+            Some(m) if self.providers.validate_model(&m.to_string()).is_ok() => m,
+            _ => self.providers.default_model().clone(),
+        };
+        let stored = self
+            .store_send(StoreSend {
+                owner: &req.user_id,
+                target: &req.target,
+                content: req.content.as_str(),
+                request_hash: request_hash(&req),
+                idempotency_key: req.idempotency_key.as_deref(),
+                answer_with: Some(&model),
+                requested_model: req.model.as_ref(),
+            })
+            .await?;
+        let assistant_message =
+            stored.assistant.ok_or_else(|| anyhow::anyhow!("a send stored no reply placeholder"))?;
+        if stored.fresh {
+            self.start_generation(
+                &assistant_message,
+                &req.user_id,
+                model,
+                stored.conversation,
+                stored.user_message.seq,
+            );
         }
-        ExchangeOutcome::NoConversation => Err(Error::NotFound),
-        ExchangeOutcome::Existing(original) => {
-            if original.request_hash != ids.request_hash {
-                return Err(Error::invalid_field(
-                    "idempotency_key_reused",
-                    "Idempotency-Key",
-                    "was already used for a different request",
-                ));
+        Ok(Sent {
+            conversation_id: assistant_message.conversation_id.clone(),
+            fresh: stored.fresh,
+            user_message: stored.user_message,
+            assistant_message,
+        })
+    }
+
+    /// The one idempotent write of every send (chat, socket, support): the key
+    /// is claimed in the transaction that stores the messages, so a retry finds
+    /// the original's messages at once — or, when their conversation was deleted
+    /// since, a 404 — and never waits for a request that no longer runs.
+    pub async fn store_send(&self, send: StoreSend<'_>) -> Result<Stored, Error> {
+        let now = self.clock.now_ms();
+        let conversation = match send.target {
+            Target::Existing(c) => c.clone(),
+            Target::New => ConversationRecord {
+                id: self.ids.random(),
+                user_id: send.owner.to_owned(),
+                title: None,
+                system_prompt: None,
+                model: send.requested_model.map(ToString::to_string),
+                message_count: 0,
+                last_message_at: None,
+                created_at: now,
+                updated_at: now,
+            },
+        };
+        let ids = IdempotentSend {
+            request_hash: send.request_hash,
+            conversation_id: conversation.id.clone(),
+            user_message_id: self.ids.ordered(),
+            assistant_message_id: send.answer_with.map(|_| self.ids.ordered()).unwrap_or_default(),
+        };
+        let title = conversation.title.is_none().then(|| Title::derive_from(send.content).into_inner());
+        let model_name = send.answer_with.map(ToString::to_string);
+        let exchange = Exchange {
+            idempotency: send.idempotency_key.map(|key| (send.owner, key, &ids)),
+            new_conversation: matches!(send.target, Target::New).then_some(&conversation),
+            user_message: NewMessage {
+                id: &ids.user_message_id,
+                conversation_id: &conversation.id,
+                role: MessageRole::User,
+                content: send.content,
+                status: MessageStatus::Complete,
+                model: None,
+                now,
+            },
+            assistant: send.answer_with.map(|_| NewMessage {
+                id: &ids.assistant_message_id,
+                conversation_id: &conversation.id,
+                role: MessageRole::Assistant,
+                content: "",
+                status: MessageStatus::Streaming,
+                model: model_name.as_deref(),
+                now,
+            }),
+            title_if_none: title.as_deref(),
+        };
+        match self.store.insert_exchange(exchange).await? {
+            ExchangeOutcome::Stored { user_message, assistant } => {
+                Ok(Stored { fresh: true, conversation, user_message: *user_message, assistant: assistant.map(|a| *a) })
             }
-            let user_message = state.store.message(&original.conversation_id, &original.user_message_id).await?;
-            let assistant = match original.assistant_message_id.as_str() {
-                "" => None,
-                id => state.store.message(&original.conversation_id, id).await?,
-            };
-            // The key outlived its messages: their conversation was deleted.
-            let Some(user_message) = user_message else { return Err(Error::NotFound) };
-            if !original.assistant_message_id.is_empty() && assistant.is_none() {
-                return Err(Error::NotFound);
+            ExchangeOutcome::NoConversation => Err(Error::NotFound),
+            ExchangeOutcome::Existing(original) => {
+                if original.request_hash != ids.request_hash {
+                    return Err(Error::invalid_field(
+                        "idempotency_key_reused",
+                        "Idempotency-Key",
+                        "was already used for a different request",
+                    ));
+                }
+                let user_message = self.store.message(&original.conversation_id, &original.user_message_id).await?;
+                let assistant = match original.assistant_message_id.as_str() {
+                    "" => None,
+                    id => self.store.message(&original.conversation_id, id).await?,
+                };
+                // The key outlived its messages: their conversation was deleted.
+                let Some(user_message) = user_message else { return Err(Error::NotFound) };
+                if !original.assistant_message_id.is_empty() && assistant.is_none() {
+                    return Err(Error::NotFound);
+                }
+                Ok(Stored { fresh: false, conversation, user_message, assistant })
             }
-            Ok(Stored { fresh: false, conversation, user_message, assistant })
         }
+    }
+
+    /// The system prompt and as much history up to the message being answered
+    /// (`upto_seq`) as fits the model's window; messages stored after it, by
+    /// sends running beside this one, are not its history. Failed, cancelled,
+    /// unfinished and empty assistant messages are not shown to the model.
+    pub(super) async fn build_context(
+        &self,
+        conversation: &ConversationRecord,
+        model: &ModelId,
+        upto_seq: i64,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let messages = self.store.messages_upto(&conversation.id, upto_seq, HISTORY_SCAN).await?;
+        let history: Vec<ChatMessage> = messages
+            .into_iter()
+            .filter(|m| m.role == MessageRole::User || (m.status == MessageStatus::Complete && !m.content.is_empty()))
+            .map(|m| {
+                let role = match m.role {
+                    MessageRole::User => ChatRole::User,
+                    MessageRole::Assistant | MessageRole::Agent => ChatRole::Assistant,
+                };
+                ChatMessage::new(role, m.content)
+            })
+            .collect();
+        Ok(fit_history(
+            conversation.system_prompt.as_deref(),
+            &history,
+            self.providers.context_window(model),
+            REPLY_RESERVE_TOKENS,
+        ))
     }
 }
 
@@ -211,34 +241,4 @@ pub fn send_hash(target: &str, model: &str, content: &str) -> String {
         .chain_update(content.as_bytes())
         .finalize();
     hex::encode(digest)
-}
-
-/// The system prompt and as much history up to the message being answered
-/// (`upto_seq`) as fits the model's window; messages stored after it, by
-/// sends running beside this one, are not its history. Failed, cancelled,
-/// unfinished and empty assistant messages are not shown to the model.
-pub(super) async fn build_context(
-    state: &AppState,
-    conversation: &ConversationRecord,
-    model: &ModelId,
-    upto_seq: i64,
-) -> Result<Vec<ChatMessage>, StoreError> {
-    let messages = state.store.messages_upto(&conversation.id, upto_seq, HISTORY_SCAN).await?;
-    let history: Vec<ChatMessage> = messages
-        .into_iter()
-        .filter(|m| m.role == MessageRole::User || (m.status == MessageStatus::Complete && !m.content.is_empty()))
-        .map(|m| {
-            let role = match m.role {
-                MessageRole::User => ChatRole::User,
-                MessageRole::Assistant | MessageRole::Agent => ChatRole::Assistant,
-            };
-            ChatMessage::new(role, m.content)
-        })
-        .collect();
-    Ok(fit_history(
-        conversation.system_prompt.as_deref(),
-        &history,
-        state.providers.context_window(model),
-        REPLY_RESERVE_TOKENS,
-    ))
 }

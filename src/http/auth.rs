@@ -20,7 +20,6 @@ use super::{
     views::{ErrorBody, Items, UserView},
 };
 use crate::{
-    accounts,
     auth::{hash_token, random_token},
     clock::rfc3339,
     domain::{
@@ -70,8 +69,7 @@ pub async fn register(
     limiter.record(&address, now).await;
 
     let hash = state.hasher.hash(&password).await?;
-    let user =
-        accounts::insert_user(&state, email.as_ref(), username.as_ref(), display_name, &hash, Role::User).await?;
+    let user = state.accounts.insert_user(email.as_ref(), username.as_ref(), display_name, &hash, Role::User).await?;
     Ok((StatusCode::CREATED, Json(UserView::from(&user))))
 }
 

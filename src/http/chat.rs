@@ -3,29 +3,19 @@
 use std::sync::Arc;
 
 use axum::{Json, extract::State, http::HeaderMap, response::Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{
     AppState,
-    docs::{IdempotencyKey, MessageText, ModelIdSchema},
+    docs::IdempotencyKey,
     error::ApiResult,
     extract::{ApiJson, AuthUser, PageQuery, Pagination},
-    send, streaming,
+    send::{self, ChatBody},
+    streaming,
     views::{ErrorBody, Items, MessageView, Page, UsageView},
 };
 use crate::clock::rfc3339;
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct ChatBody {
-    #[schema(value_type = MessageText)]
-    pub message: String,
-    /// Continue this conversation; a new one is started when absent.
-    #[schema(schema_with = super::docs::optional_uuid)]
-    pub conversation_id: Option<String>,
-    #[schema(value_type = Option<ModelIdSchema>)]
-    pub model: Option<String>,
-}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChatReply {

@@ -10,11 +10,13 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
+use serde::Deserialize;
 use serde_json::{Map, json};
+use utoipa::ToSchema;
 
 use super::{
     AppState,
-    chat::ChatBody,
+    docs::{MessageText, ModelIdSchema},
     error::{ApiError, ApiResult},
     extract::{AuthUser, owned_conversation, parse_uuid},
     streaming::{reply_failure, send_events, wants_sse},
@@ -28,6 +30,18 @@ use crate::{
     },
     store::MessageRecord,
 };
+
+/// The body of `/api/chat` and `/api/chat/stream`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatBody {
+    #[schema(value_type = MessageText)]
+    pub message: String,
+    /// Continue this conversation; a new one is started when absent.
+    #[schema(schema_with = super::docs::optional_uuid)]
+    pub conversation_id: Option<String>,
+    #[schema(value_type = Option<ModelIdSchema>)]
+    pub model: Option<String>,
+}
 
 /// Validates an optional model id against the configured providers; an
 /// unknown one is a 422 with code `unknown_model`.
@@ -72,7 +86,9 @@ pub fn idempotency_key(headers: &HeaderMap, scope: &str) -> ApiResult<Option<Str
 
 /// Waits for the reply of a send and answers as the synchronous API does.
 pub async fn await_reply(state: &Arc<AppState>, sent: &Sent) -> ApiResult<MessageRecord> {
-    let done = replies::finished(state.clone(), sent.assistant_message.clone())
+    let done = state
+        .chat
+        .finished(sent.assistant_message.clone())
         .await
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
     if done.status == MessageStatus::Failed {
@@ -121,34 +137,32 @@ pub async fn send_to_conversation(
 ) -> ApiResult<Sent> {
     let conversation = owned_conversation(state, auth, conversation_id).await?;
     let (content, model) = validate_message(state, "content", content, model)?;
-    replies::send(
-        state,
-        replies::SendRequest {
+    state
+        .chat
+        .send(replies::SendRequest {
             user_id: auth.user.id.clone(),
             target: Target::Existing(conversation),
             content,
             model,
             idempotency_key: idempotency_key(headers, "messages")?,
-        },
-    )
-    .await
-    .map_err(Into::into)
+        })
+        .await
+        .map_err(Into::into)
 }
 
 /// Validates a chat body and sends it; shared by /api/chat and /api/chat/stream.
 pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderMap, body: ChatBody) -> ApiResult<Sent> {
     let (content, model) = validate_message(state, "message", body.message, body.model)?;
     let target = parse_chat_target(state, auth, body.conversation_id.as_deref()).await?;
-    replies::send(
-        state,
-        replies::SendRequest {
+    state
+        .chat
+        .send(replies::SendRequest {
             user_id: auth.user.id.clone(),
             target,
             content,
             model,
             idempotency_key: idempotency_key(headers, "chat")?,
-        },
-    )
-    .await
-    .map_err(Into::into)
+        })
+        .await
+        .map_err(Into::into)
 }

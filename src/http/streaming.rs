@@ -26,7 +26,7 @@ use super::{
     views::{ErrorBody, MessageView},
 };
 use crate::{
-    chat::{self as replies, ReplyEvent, Sent},
+    chat::{ReplyEvent, Sent},
     domain::conversation::{MessageRole, MessageStatus},
     store::MessageRecord,
 };
@@ -58,7 +58,7 @@ fn event(name: &str, id: String, data: Value) -> Event {
 /// `error` for a failed reply).
 fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> impl Stream<Item = Event> + Send {
     let message_id = assistant.id.clone();
-    replies::follow(state, assistant, from).map(move |e| match e {
+    state.chat.follow(assistant, from).map(move |e| match e {
         ReplyEvent::Delta { text, offset } => {
             event("delta", offset.to_string(), json!({ "message_id": message_id, "text": text }))
         }
@@ -141,11 +141,10 @@ async fn assistant_message(state: &AppState, auth: &AuthUser, ids: &UuidPath) ->
         (status = 409, body = ErrorBody)))]
 pub async fn cancel(State(state): State<Arc<AppState>>, auth: AuthUser, ids: UuidPath) -> ApiResult<Json<MessageView>> {
     let message = assistant_message(&state, &auth, &ids).await?;
-    if message.status != MessageStatus::Streaming || !replies::cancel(&state, &message.id).await? {
+    if message.status != MessageStatus::Streaming || !state.chat.cancel(&message.id).await? {
         return Err(ApiError::conflict("not_streaming", "This reply is not being generated any more."));
     }
-    let done = replies::finished(state.clone(), message)
-        .await
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
+    let done =
+        state.chat.finished(message).await.ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the reply vanished")))?;
     Ok(Json(MessageView::from(done.as_ref())))
 }

@@ -22,7 +22,7 @@ use super::{
     views::{CursorPage, ErrorBody, Items, Page},
 };
 use crate::{
-    desk::{self, SupportMessageView, SupportSessionView, message_json, session_json},
+    desk::{SupportMessageView, SupportSessionView, message_json},
     domain::{
         Validator,
         conversation::MessageContent,
@@ -55,7 +55,7 @@ impl SupportCaller {
     /// The session, if this caller may see it.
     async fn session(&self, state: &AppState, id: &str) -> ApiResult<SupportSessionRecord> {
         match self {
-            SupportCaller::Client(token) => Ok(desk::session_for_client(state, id, token).await?),
+            SupportCaller::Client(token) => Ok(state.desk.session_for_client(id, token).await?),
             SupportCaller::Staff(_) => state.store.support_session(id).await?.ok_or(ApiError::NotFound),
         }
     }
@@ -63,7 +63,7 @@ impl SupportCaller {
     /// The session, for routes only its visitor may call.
     async fn own_session(&self, state: &AppState, id: &str) -> ApiResult<SupportSessionRecord> {
         match self {
-            SupportCaller::Client(token) => Ok(desk::session_for_client(state, id, token).await?),
+            SupportCaller::Client(token) => Ok(state.desk.session_for_client(id, token).await?),
             SupportCaller::Staff(_) => {
                 Err(ApiError::forbidden("client_only", "Only the visitor of this session may do that."))
             }
@@ -118,13 +118,13 @@ pub async fn create_session(
     let address = client.key();
     let now = state.clock.now_ms();
     let detail = "Too many support sessions from this address; try again later.";
-    state.support.creations.check(&address, now, "rate_limited", detail).await?;
+    state.desk.creations.check(&address, now, "rate_limited", detail).await?;
     let mut v = Validator::new();
     let info = body.client_info;
     let client = ClientInfo::parse(&mut v, info.name, info.email, info.phone);
     v.finish().map_err(ApiError::invalid)?;
-    state.support.creations.record(&address, now).await;
-    let (session, token) = desk::create_session(&state, client.expect("validated above")).await?;
+    state.desk.creations.record(&address, now).await;
+    let (session, token) = state.desk.create_session(client.expect("validated above")).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -148,7 +148,7 @@ pub async fn get_session(
     id: UuidPath,
 ) -> ApiResult<Json<SupportSessionView>> {
     let s = caller.session(&state, id.one()).await?;
-    Ok(Json(session_json(&state, &s).await?))
+    Ok(Json(state.desk.session_json(&s).await?))
 }
 
 /// The session's messages, oldest first (roles user, assistant, agent).
@@ -203,7 +203,7 @@ pub async fn post_message(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let s = caller.own_session(&state, id.one()).await?;
     let content = content(&state, body)?;
-    let sent = desk::client_send(&state, &s, content, idempotency_key(&headers, "support")?).await?;
+    let sent = state.desk.client_send(&s, content, idempotency_key(&headers, "support")?).await?;
     let reply = sent.reply.as_ref().map(|m| message_json(&s.id, m));
     Ok((StatusCode::CREATED, Json(json!({ "message": message_json(&s.id, &sent.message), "reply": reply }))))
 }
@@ -220,8 +220,8 @@ pub async fn handoff(
     id: UuidPath,
 ) -> ApiResult<Json<SupportSessionView>> {
     let s = caller.own_session(&state, id.one()).await?;
-    let s = desk::handoff(&state, &s).await?;
-    Ok(Json(session_json(&state, &s).await?))
+    let s = state.desk.handoff(&s).await?;
+    Ok(Json(state.desk.session_json(&s).await?))
 }
 
 fn staff(auth: &AuthUser) -> ApiResult<()> {
@@ -231,7 +231,7 @@ fn staff(auth: &AuthUser) -> ApiResult<()> {
 async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> ApiResult<Vec<SupportSessionView>> {
     let mut items = Vec::with_capacity(sessions.len());
     for s in sessions {
-        items.push(session_json(state, s).await?);
+        items.push(state.desk.session_json(s).await?);
     }
     Ok(items)
 }
@@ -242,7 +242,7 @@ async fn sessions_json(state: &AppState, sessions: &[SupportSessionRecord]) -> A
         (status = 403, body = ErrorBody)))]
 pub async fn queue(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Value>> {
     staff(&auth)?;
-    Ok(Json(json!({ "items": desk::queue_json(&state).await? })))
+    Ok(Json(json!({ "items": state.desk.queue_json().await? })))
 }
 
 /// All sessions, newest first, optionally `?status=`.
@@ -297,8 +297,8 @@ pub async fn claim(
     id: UuidPath,
 ) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
-    let s = desk::claim(&state, &auth.user.id, id.one()).await?;
-    Ok(Json(session_json(&state, &s).await?))
+    let s = state.desk.claim(&auth.user.id, id.one()).await?;
+    Ok(Json(state.desk.session_json(&s).await?))
 }
 
 /// The assigned agent writes to the visitor.
@@ -315,7 +315,7 @@ pub async fn agent_message(
 ) -> ApiResult<(StatusCode, Json<SupportMessageView>)> {
     staff(&auth)?;
     let content = content(&state, body)?;
-    let m = desk::agent_send(&state, &auth.user.id, id.one(), content).await?;
+    let m = state.desk.agent_send(&auth.user.id, id.one(), content).await?;
     Ok((StatusCode::CREATED, Json(message_json(id.one(), &m))))
 }
 
@@ -331,8 +331,8 @@ pub async fn release(
     id: UuidPath,
 ) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
-    let s = desk::release(&state, &auth.user.id, id.one()).await?;
-    Ok(Json(session_json(&state, &s).await?))
+    let s = state.desk.release(&auth.user.id, id.one()).await?;
+    Ok(Json(state.desk.session_json(&s).await?))
 }
 
 /// The assigned agent (or an admin) closes the session; the visitor is told.
@@ -347,6 +347,6 @@ pub async fn close(
     id: UuidPath,
 ) -> ApiResult<Json<SupportSessionView>> {
     staff(&auth)?;
-    let s = desk::close(&state, &auth.user.id, auth.user.role == Role::Admin, id.one()).await?;
-    Ok(Json(session_json(&state, &s).await?))
+    let s = state.desk.close(&auth.user.id, auth.user.role == Role::Admin, id.one()).await?;
+    Ok(Json(state.desk.session_json(&s).await?))
 }

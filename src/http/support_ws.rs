@@ -32,9 +32,8 @@ use super::{
 };
 use crate::{
     desk::{
-        self, SupportSessionView,
+        SupportSessionView,
         bus::{BusEvent, BusMessage},
-        session_json,
     },
     domain::{conversation::MessageContent, support::SupportStatus, user::Role},
     store::SupportEventRecord,
@@ -87,7 +86,7 @@ pub async fn client_socket(
         let id = parse_uuid(&session_id).ok_or(ApiError::NotFound)?;
         // SPEC §1: a Bearer header works wherever `?token=` does.
         let token = q.token.as_deref().or_else(|| bearer(&headers)).ok_or(ApiError::Unauthorized)?;
-        let s = desk::session_for_client(&state, &id, token).await?;
+        let s = state.desk.session_for_client(&id, token).await?;
         Ok::<_, ApiError>((s, since(&q)?))
     };
     match opened.await {
@@ -212,8 +211,8 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     let out = Out { outbox, last_status: Default::default() };
     // Subscribe before replaying, so nothing falls between the two.
     let mut bus = match &side {
-        Side::Client { session_id } => state.support.bus.subscribe_client(session_id),
-        Side::Agent { id, .. } => state.support.bus.subscribe_agent(id),
+        Side::Client { session_id } => state.desk.bus.subscribe_client(session_id),
+        Side::Agent { id, .. } => state.desk.bus.subscribe_agent(id),
     };
 
     // The socket is read in a task of its own: the loop below wakes for bus
@@ -427,7 +426,7 @@ async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
     match side {
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) => {
-                let Ok(payload) = session_json(state, &s).await else { return true };
+                let Ok(payload) = state.desk.session_json(&s).await else { return true };
                 client_status(out, &payload, None)
             }
             _ => false,
@@ -439,7 +438,7 @@ async fn greet(state: &AppState, side: &Side, out: &Out) -> bool {
 /// The queue changed: agents get a snapshot, a queued visitor their position.
 async fn queue_update(state: &AppState, side: &Side, out: &Out) -> bool {
     match side {
-        Side::Agent { .. } => match desk::shared_queue_json(state).await {
+        Side::Agent { .. } => match state.desk.shared_queue_json().await {
             Ok(items) => send(out, json!({ "type": "queue", "items": *items })),
             Err(_) => true,
         },
@@ -447,7 +446,7 @@ async fn queue_update(state: &AppState, side: &Side, out: &Out) -> bool {
         Side::Client { .. } if !out.last_status_was("queued") => true,
         Side::Client { session_id } => match state.store.support_session(session_id).await {
             Ok(Some(s)) if s.status == SupportStatus::Queued => {
-                let Ok(payload) = session_json(state, &s).await else { return true };
+                let Ok(payload) = state.desk.session_json(&s).await else { return true };
                 send_status(out, status_frame(&payload, None), false)
             }
             _ => true,
@@ -469,24 +468,24 @@ fn handle(state: &Arc<AppState>, side: &Side, out: &Out, frame: Frame) {
                 client_message(&state, session_id, content).await
             }
             (Side::Client { session_id }, Frame::RequestHuman) => match state.store.support_session(session_id).await {
-                Ok(Some(s)) => desk::handoff(&state, &s).await.map(|_| ()).map_err(ApiError::from),
+                Ok(Some(s)) => state.desk.handoff(&s).await.map(|_| ()).map_err(ApiError::from),
                 Ok(None) => Err(ApiError::NotFound),
                 Err(e) => Err(e.into()),
             },
             (Side::Agent { id, .. }, Frame::ClaimSession { session_id }) => {
-                desk::claim(&state, id, &session_id).await.map(|_| ()).map_err(ApiError::from)
+                state.desk.claim(id, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             (Side::Agent { id, .. }, Frame::Message { content, session_id: Some(session_id) }) => {
                 match parse_content(&state, content) {
-                    Ok(c) => desk::agent_send(&state, id, &session_id, c).await.map(|_| ()).map_err(ApiError::from),
+                    Ok(c) => state.desk.agent_send(id, &session_id, c).await.map(|_| ()).map_err(ApiError::from),
                     Err(e) => Err(e),
                 }
             }
             (Side::Agent { id, .. }, Frame::ReleaseSession { session_id }) => {
-                desk::release(&state, id, &session_id).await.map(|_| ()).map_err(ApiError::from)
+                state.desk.release(id, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             (Side::Agent { id, admin }, Frame::CloseSession { session_id }) => {
-                desk::close(&state, id, *admin, &session_id).await.map(|_| ()).map_err(ApiError::from)
+                state.desk.close(id, *admin, &session_id).await.map(|_| ()).map_err(ApiError::from)
             }
             _ => Err(ApiError::bad_request("bad_frame", "This frame is not for this socket.")),
         };
@@ -503,7 +502,7 @@ fn parse_content(state: &AppState, content: Value) -> Result<MessageContent, Api
 async fn client_message(state: &Arc<AppState>, session_id: &str, content: Value) -> Result<(), ApiError> {
     let content = parse_content(state, content)?;
     let s = state.store.support_session(session_id).await?.ok_or(ApiError::NotFound)?;
-    desk::client_send(state, &s, content, None).await?;
+    state.desk.client_send(&s, content, None).await?;
     Ok(())
 }
 

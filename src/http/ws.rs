@@ -40,7 +40,7 @@ use super::{
     views::{ErrorBody, MessageView},
 };
 use crate::{
-    chat::{self as replies, ReplyEvent, SendRequest},
+    chat::{ReplyEvent, SendRequest},
     domain::conversation::MessageStatus,
 };
 
@@ -118,7 +118,7 @@ async fn run(state: Arc<AppState>, user: AuthUser, socket: WebSocket) {
             ClientFrame::Cancel { request_id } => {
                 let message_id = requests.lock().expect("requests lock").get(&request_id).cloned();
                 let cancelled = match message_id {
-                    Some(id) => replies::cancel(&state, &id).await.unwrap_or(false),
+                    Some(id) => state.chat.cancel(&id).await.unwrap_or(false),
                     None => false,
                 };
                 if !cancelled {
@@ -220,7 +220,7 @@ async fn handle_message(
             model,
             idempotency_key: request_id.as_ref().map(|r| format!("ws:{r}")),
         };
-        replies::send(&state, req).await.map_err(ApiError::from)
+        state.chat.send(req).await.map_err(ApiError::from)
     }
     .await;
     let sent = match sent {
@@ -243,7 +243,7 @@ async fn handle_message(
     })) {
         return;
     }
-    let events = replies::follow(state.clone(), sent.assistant_message, 0);
+    let events = state.chat.follow(sent.assistant_message, 0);
     tokio::pin!(events);
     while let Some(event) = events.next().await {
         if matches!(event, ReplyEvent::Finished(_)) {

@@ -87,6 +87,8 @@ async fn generate(
                     }
                 }
                 Some(Ok(ChatEvent::Usage(u))) => usage = Some(u),
+                // Chat asks for no tools; the reason is implied by the outcome.
+                Some(Ok(ChatEvent::ToolCallDelta { .. } | ChatEvent::Finish(_))) => {}
             },
         }
     };

@@ -1,6 +1,7 @@
 //! The provider layer against mock servers speaking each wire format:
-//! streaming, usage, retries, key rotation, timeouts and fallback, driven
-//! through `Providers` exactly as the chat paths use it.
+//! streaming, tool calls and options, usage, retries, key rotation, timeouts
+//! and fallback, driven through `Providers` exactly as the chat paths (and
+//! the OpenAI-compatible gateway) use it.
 
 #[path = "common/mock_llm.rs"]
 mod mock_llm;
@@ -8,15 +9,18 @@ mod mock_llm;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mock_llm::{ANTHROPIC_USAGE, Fault, GEMINI_USAGE, MockLlm, OPENAI_USAGE, PIECES, REPLY};
+use mock_llm::{ANTHROPIC_USAGE, Fault, GEMINI_USAGE, MockLlm, OPENAI_USAGE, PIECES, REPLY, ToolReply};
 use palaver::{
     config::{Secret, Settings},
     domain::{
-        context::{ChatMessage, ChatRole},
+        context::{ChatMessage, ChatRole, ToolCall},
         conversation::ModelId,
     },
-    providers::{ChatEvent, ProviderError, Providers, Usage},
+    providers::{
+        ChatEvent, ChatOptions, FinishReason, ProviderError, Providers, ResponseFormat, ToolChoice, ToolSpec, Usage,
+    },
 };
+use serde_json::json;
 
 const OPENAI: &str = "openai/gpt-4o-mini";
 const GEMINI: &str = "gemini/gemini-1.5-flash";
@@ -72,11 +76,19 @@ impl Collected {
 
 async fn collect(mut stream: impl futures::Stream<Item = Result<ChatEvent, ProviderError>> + Unpin) -> Collected {
     let mut out = Collected { deltas: Vec::new(), usage: None, error: None };
+    let mut finished = false;
     while let Some(event) = stream.next().await {
         match event {
             Ok(ChatEvent::Delta(d)) => out.deltas.push((d, Instant::now())),
+            Ok(ChatEvent::ToolCallDelta { .. }) => panic!("no tools were offered"),
+            Ok(ChatEvent::Finish(reason)) => {
+                assert!(!finished && out.usage.is_none(), "one finish, before the usage");
+                assert_eq!(reason, FinishReason::Stop);
+                finished = true;
+            }
             Ok(ChatEvent::Usage(u)) => {
                 assert!(out.usage.is_none(), "exactly one usage event");
+                assert!(finished, "the finish reason comes before the usage");
                 out.usage = Some(u);
             }
             Err(e) => {
@@ -354,6 +366,361 @@ async fn provider_calls_show_in_the_metrics() {
     ] {
         assert!(text.contains(expected), "missing {expected} in:\n{text}");
     }
+}
+
+// ---- Tool calls, options and finish reasons, in each wire format ----
+
+/// Arguments with escaped quotes, a backslash and characters of several
+/// byte lengths, so the pieces split inside escapes and characters.
+const WEATHER_ARGS: &str = r#"{"city":"Zürich \"Altstadt\"","unit":"°C","path":"C:\\x"}"#;
+const TIME_ARGS: &str = r#"{"zone":"日本/東京 🗼","list":[1,2.5,null]}"#;
+
+fn weather_and_time() -> ToolReply {
+    ToolReply::calls(&[("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)])
+}
+
+fn tool_options() -> ChatOptions {
+    ChatOptions {
+        temperature: Some(0.25),
+        top_p: Some(0.5),
+        max_tokens: Some(321),
+        stop: vec!["END".into()],
+        seed: Some(7),
+        tools: vec![
+            ToolSpec {
+                name: "get_weather".into(),
+                description: Some("Weather in a city".into()),
+                parameters: json!({
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                    "required": ["city"],
+                    "additionalProperties": false
+                }),
+            },
+            ToolSpec { name: "get_time".into(), description: None, parameters: serde_json::Value::Null },
+        ],
+        tool_choice: Some(ToolChoice::Function("get_weather".into())),
+        parallel_tool_calls: Some(false),
+        user: Some("user-42".into()),
+        ..ChatOptions::default()
+    }
+}
+
+/// What a stream with tool calls yields, checked against the contract as it
+/// arrives: first pieces carry id and name, indices start in order, one
+/// finish, then one usage, nothing after.
+#[derive(Debug, Default)]
+struct ToolCollected {
+    text: String,
+    calls: Vec<ToolCall>,
+    pieces: Vec<usize>,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+}
+
+async fn collect_tools(
+    mut stream: impl futures::Stream<Item = Result<ChatEvent, ProviderError>> + Unpin,
+) -> ToolCollected {
+    let mut out = ToolCollected::default();
+    while let Some(event) = stream.next().await {
+        assert!(out.usage.is_none(), "nothing after the usage");
+        match event.expect("no error") {
+            ChatEvent::Delta(d) => {
+                assert!(out.finish.is_none());
+                out.text.push_str(&d);
+            }
+            ChatEvent::ToolCallDelta { index, id, name, arguments } => {
+                assert!(out.finish.is_none(), "tool calls before the finish");
+                if index == out.calls.len() {
+                    let id = id.expect("the first piece carries the id");
+                    let name = name.expect("the first piece carries the name");
+                    assert!(!id.is_empty() && !name.is_empty());
+                    out.calls.push(ToolCall { id, name, arguments });
+                } else {
+                    assert!(index < out.calls.len(), "index {index} skips ahead");
+                    assert!(id.is_none() && name.is_none(), "later pieces carry arguments only");
+                    out.calls[index].arguments.push_str(&arguments);
+                }
+                out.pieces.push(index);
+            }
+            ChatEvent::Finish(reason) => {
+                assert!(out.finish.is_none(), "one finish");
+                out.finish = Some(reason);
+            }
+            ChatEvent::Usage(u) => {
+                assert!(out.finish.is_some(), "the finish comes before the usage");
+                out.usage = Some(u);
+            }
+        }
+    }
+    assert!(out.usage.is_some(), "the stream ends with its usage");
+    out
+}
+
+/// The calls are the scripted ones: their argument text exactly as
+/// streamed, except from Gemini, which sends arguments as JSON objects
+/// (whose text we write anew, keys in another order).
+fn assert_scripted_calls(id: &str, calls: &[ToolCall]) {
+    let named: Vec<(&str, &str)> = calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    let expected = [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)];
+    if id != GEMINI {
+        assert_eq!(named, expected, "{id}");
+        return;
+    }
+    let parse = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+    let parsed: Vec<_> = named.iter().map(|(n, a)| (*n, parse(a))).collect();
+    assert_eq!(parsed, expected.map(|(n, a)| (n, parse(a))), "{id}");
+}
+
+#[tokio::test]
+async fn each_format_streams_parallel_tool_calls_that_reassemble_exactly() {
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    for (id, text, (prompt, completion)) in [
+        (OPENAI, "", OPENAI_USAGE),
+        (OPENAI, "Let me look.", OPENAI_USAGE),
+        (GEMINI, "", GEMINI_USAGE),
+        (GEMINI, "Let me look.", GEMINI_USAGE),
+        (ANTHROPIC, "", ANTHROPIC_USAGE),
+        (ANTHROPIC, "Let me look.", ANTHROPIC_USAGE),
+    ] {
+        mock.call_tools(weather_and_time().after_text(text));
+        let stream = p.stream_with(&model(id), conversation(), tool_options()).await.unwrap();
+        let got = collect_tools(stream).await;
+        assert_eq!(got.text, text, "{id}");
+        assert_scripted_calls(id, &got.calls);
+        let ids: Vec<&str> = got.calls.iter().map(|c| c.id.as_str()).collect();
+        match id {
+            OPENAI => assert_eq!(ids, ["call_mock_0", "call_mock_1"]),
+            ANTHROPIC => assert_eq!(ids, ["toolu_mock_0", "toolu_mock_1"], "Anthropic's block indices are not ours"),
+            _ => {
+                assert!(ids.iter().all(|i| i.starts_with("call_") && i.len() > 10), "minted: {ids:?}");
+                assert_ne!(ids[0], ids[1]);
+            }
+        }
+        if id != GEMINI {
+            assert!(got.pieces.len() > 10, "{id}: the arguments came in pieces: {:?}", got.pieces);
+        }
+        assert_eq!(got.finish, Some(FinishReason::ToolCalls), "{id}");
+        assert_eq!(got.usage, Some(Usage { prompt_tokens: prompt, completion_tokens: completion, estimated: false }));
+    }
+}
+
+#[tokio::test]
+async fn the_request_carries_tools_choice_and_parameters_in_each_format() {
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    let mut options = tool_options();
+    options.response_format = Some(ResponseFormat::JsonSchema {
+        name: "weather".into(),
+        schema: json!({"type": "object", "properties": {"t": {"type": "number"}}}),
+        strict: Some(true),
+    });
+    for id in [OPENAI, GEMINI, ANTHROPIC] {
+        p.complete_with(&model(id), conversation(), options.clone()).await.unwrap();
+    }
+    let requests = mock.requests();
+
+    let openai = &requests[0].body;
+    assert_eq!(openai["temperature"], 0.25);
+    assert_eq!(openai["top_p"], 0.5);
+    assert_eq!(openai["max_tokens"], 321);
+    assert_eq!(openai["stop"], json!(["END"]));
+    assert_eq!(openai["seed"], 7);
+    assert_eq!(openai["user"], "user-42");
+    assert_eq!(openai["parallel_tool_calls"], false);
+    assert_eq!(openai["tool_choice"], json!({"type": "function", "function": {"name": "get_weather"}}));
+    assert_eq!(
+        openai["tools"],
+        json!([
+            {"type": "function", "function": {
+                "name": "get_weather", "description": "Weather in a city", "parameters": options.tools[0].parameters
+            }},
+            {"type": "function", "function": {"name": "get_time"}}
+        ])
+    );
+    assert_eq!(
+        openai["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "weather", "schema": {"type": "object", "properties": {"t": {"type": "number"}}}, "strict": true}})
+    );
+
+    let gemini = &requests[1].body;
+    assert_eq!(
+        gemini["generationConfig"],
+        json!({
+            "temperature": 0.25, "topP": 0.5, "maxOutputTokens": 321, "stopSequences": ["END"], "seed": 7,
+            "responseMimeType": "application/json",
+            "responseJsonSchema": {"type": "object", "properties": {"t": {"type": "number"}}}
+        })
+    );
+    assert_eq!(
+        gemini["tools"],
+        json!([{"functionDeclarations": [
+            {"name": "get_weather", "description": "Weather in a city", "parametersJsonSchema": options.tools[0].parameters},
+            {"name": "get_time"}
+        ]}])
+    );
+    assert_eq!(
+        gemini["toolConfig"],
+        json!({"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}})
+    );
+
+    let anthropic = &requests[2].body;
+    assert_eq!(anthropic["max_tokens"], 321);
+    assert_eq!(anthropic["temperature"], 0.25);
+    assert_eq!(anthropic["top_p"], 0.5);
+    assert_eq!(anthropic["stop_sequences"], json!(["END"]));
+    assert_eq!(anthropic["metadata"], json!({"user_id": "user-42"}));
+    assert!(anthropic.get("seed").is_none(), "Anthropic has no seed");
+    assert_eq!(
+        anthropic["tool_choice"],
+        json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true})
+    );
+    assert_eq!(
+        anthropic["tools"],
+        json!([
+            {"name": "get_weather", "description": "Weather in a city", "input_schema": options.tools[0].parameters},
+            {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
+        ])
+    );
+    let system = anthropic["system"].as_str().unwrap();
+    assert!(system.starts_with("You are terse.") && system.contains("JSON Schema"), "{system}");
+
+    // Nothing set, nothing sent.
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    for id in [OPENAI, GEMINI, ANTHROPIC] {
+        p.complete(&model(id), conversation()).await.unwrap();
+    }
+    let requests = mock.requests();
+    let keys = |i: usize| {
+        let mut keys: Vec<String> = requests[i].body.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(0), ["messages", "model", "stream", "stream_options"]);
+    assert_eq!(keys(1), ["contents", "systemInstruction"]);
+    assert_eq!(keys(2), ["max_tokens", "messages", "model", "stream", "system"]);
+}
+
+/// A conversation in which the assistant called two tools and got both
+/// results, and the user then spoke again.
+fn tool_conversation() -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::new(ChatRole::System, "You are terse."),
+        ChatMessage::new(ChatRole::User, "Weather and time in Zürich?"),
+        ChatMessage::tool_calls(
+            "Checking.",
+            vec![
+                ToolCall { id: "call_a".into(), name: "get_weather".into(), arguments: WEATHER_ARGS.into() },
+                ToolCall { id: "call_b".into(), name: "get_time".into(), arguments: "{\"zone\":".into() },
+            ],
+        ),
+        ChatMessage::tool_result("call_a", r#"{"temp":21}"#),
+        ChatMessage::tool_result("call_b", "12:00"),
+        ChatMessage::new(ChatRole::User, "Thanks. And tomorrow?"),
+    ]
+}
+
+#[tokio::test]
+async fn tool_calls_and_results_are_sent_in_each_formats_shape() {
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    for id in [OPENAI, GEMINI, ANTHROPIC] {
+        p.complete(&model(id), tool_conversation()).await.unwrap();
+    }
+    let requests = mock.requests();
+
+    assert_eq!(
+        requests[0].body["messages"],
+        json!([
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Weather and time in Zürich?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": WEATHER_ARGS}},
+                {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{\"zone\":"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_a", "content": "{\"temp\":21}"},
+            {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+            {"role": "user", "content": "Thanks. And tomorrow?"}
+        ])
+    );
+
+    let weather: serde_json::Value = serde_json::from_str(WEATHER_ARGS).unwrap();
+    assert_eq!(
+        requests[1].body["contents"],
+        json!([
+            {"role": "user", "parts": [{"text": "Weather and time in Zürich?"}]},
+            {"role": "model", "parts": [
+                {"text": "Checking."},
+                {"functionCall": {"name": "get_weather", "args": weather}},
+                {"functionCall": {"name": "get_time", "args": {}}}
+            ]},
+            {"role": "user", "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"temp": 21}}},
+                {"functionResponse": {"name": "get_time", "response": {"content": "12:00"}}},
+                {"text": "Thanks. And tomorrow?"}
+            ]}
+        ])
+    );
+
+    assert_eq!(
+        requests[2].body["messages"],
+        json!([
+            {"role": "user", "content": "Weather and time in Zürich?"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": weather},
+                {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}}
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_a", "content": "{\"temp\":21}"},
+                {"type": "tool_result", "tool_use_id": "call_b", "content": "12:00"},
+                {"type": "text", "text": "Thanks. And tomorrow?"}
+            ]}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn complete_with_returns_the_tool_calls_and_the_finish_reason() {
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    mock.call_tools(weather_and_time().after_text("Sure."));
+    for id in [OPENAI, GEMINI, ANTHROPIC] {
+        let done = p.complete_with(&model(id), conversation(), tool_options()).await.unwrap();
+        assert_eq!(done.text, "Sure.", "{id}");
+        assert_eq!(done.finish_reason, FinishReason::ToolCalls, "{id}");
+        assert_scripted_calls(id, &done.tool_calls);
+        assert!(done.tool_calls.iter().all(|c| !c.id.is_empty()));
+        assert!(!done.usage.estimated);
+    }
+    mock.reply_with("plain");
+    let done = p.complete_with(&model(ANTHROPIC), conversation(), tool_options()).await.unwrap();
+    assert_eq!((done.text.as_str(), done.finish_reason, done.tool_calls.len()), ("plain", FinishReason::Stop, 0));
+}
+
+#[tokio::test]
+async fn a_tool_call_counts_as_output_so_a_drop_after_it_is_not_retried() {
+    let mock = MockLlm::start_pieces().await;
+    let p = providers(&settings(&mock, "k1"));
+    mock.call_tools(weather_and_time());
+    for id in [OPENAI, ANTHROPIC] {
+        mock.then(Fault::DropAfter(3));
+        let mut stream = p.stream_with(&model(id), conversation(), tool_options()).await.unwrap();
+        let mut saw_call = false;
+        let error = loop {
+            match stream.next().await.expect("an error ends the stream") {
+                Ok(ChatEvent::ToolCallDelta { .. }) => saw_call = true,
+                Ok(other) => panic!("{id}: {other:?} before the drop"),
+                Err(e) => break e,
+            }
+        };
+        assert!(saw_call, "{id}");
+        assert!(matches!(error, ProviderError::Connect(_)), "{id}: {error:?}");
+        assert!(stream.next().await.is_none());
+    }
+    assert_eq!(mock.requests().len(), 2, "nothing retried once a tool call was passed on");
 }
 
 /// Per-user token totals (for quotas) on both engines: SQLite always,

@@ -90,6 +90,8 @@ impl Chat {
                         }
                     }
                     Some(Ok(ChatEvent::Usage(u))) => usage = Some(u),
+                    // Chat asks for no tools; the reason is implied by the outcome.
+                    Some(Ok(ChatEvent::ToolCallDelta { .. } | ChatEvent::Finish(_))) => {}
                 },
             }
         };

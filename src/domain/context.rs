@@ -13,17 +13,45 @@ pub enum ChatRole {
     System,
     User,
     Assistant,
+    /// A tool's result, answering one of the assistant's tool calls.
+    Tool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: ChatRole,
     pub content: String,
+    /// The tools an assistant turn called (its `content` may be empty then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a `Tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// One tool call of an assistant turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, exactly as the model wrote them (which
+    /// may not parse, for a reply cut short).
+    pub arguments: String,
 }
 
 impl ChatMessage {
     pub fn new(role: ChatRole, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
+    /// An assistant turn that called tools (with `content` said first, if any).
+    pub fn tool_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self { tool_calls: calls, ..Self::new(ChatRole::Assistant, content) }
+    }
+
+    /// A tool's result for the call `call_id`.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { tool_call_id: Some(call_id.into()), ..Self::new(ChatRole::Tool, content) }
     }
 }
 
@@ -35,8 +63,11 @@ pub fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(4)
 }
 
-fn message_tokens(m: &ChatMessage) -> usize {
-    estimate_tokens(&m.content) + MESSAGE_OVERHEAD_TOKENS
+/// A message's estimated size: its text, the names and arguments of the
+/// tools it called, and the format's overhead.
+pub fn message_tokens(m: &ChatMessage) -> usize {
+    let calls: usize = m.tool_calls.iter().map(|c| estimate_tokens(&c.name) + estimate_tokens(&c.arguments)).sum();
+    estimate_tokens(&m.content) + calls + MESSAGE_OVERHEAD_TOKENS
 }
 
 /// The size of a model's context window, in tokens.
@@ -66,7 +97,8 @@ pub fn context_window(model: &str) -> usize {
 
 /// Picks the messages sent to the model: the system prompt (if any), then the
 /// newest turns of `history` that fit in `window - reply_reserve` tokens. The
-/// last message (the one being answered) is always kept.
+/// last message (the one being answered) is always kept. Tool results whose
+/// call was cut are dropped too: every format refuses a result without its call.
 pub fn fit_history(
     system_prompt: Option<&str>,
     history: &[ChatMessage],
@@ -88,7 +120,8 @@ pub fn fit_history(
         kept.push(m.clone());
     }
     kept.reverse();
-    system.into_iter().chain(kept).collect()
+    let orphans = kept.iter().take(kept.len().saturating_sub(1)).take_while(|m| m.role == ChatRole::Tool).count();
+    system.into_iter().chain(kept.into_iter().skip(orphans)).collect()
 }
 
 #[cfg(test)]
@@ -127,6 +160,29 @@ mod tests {
     #[test]
     fn empty_system_prompt_is_not_sent() {
         assert_eq!(fit_history(Some("  "), &[user("hi")], 100, 10).len(), 1);
+    }
+
+    #[test]
+    fn tool_calls_count_and_cut_tool_results_go_with_their_call() {
+        let call = ToolCall { id: "c1".into(), name: "lookup".into(), arguments: "x".repeat(400) };
+        let asked = ChatMessage::tool_calls("", vec![call]);
+        assert!(message_tokens(&asked) > 100, "arguments are counted");
+        let h = vec![user("q"), asked, ChatMessage::tool_result("c1", "42"), user("and?")];
+        let out = fit_history(None, &h, 60, 10);
+        assert_eq!(out.len(), 1, "the call did not fit, so neither does its result: {out:?}");
+        assert_eq!(out[0].content, "and?");
+        let out = fit_history(None, &h, 1000, 10);
+        assert_eq!(out, h);
+    }
+
+    #[test]
+    fn tool_fields_are_left_out_of_plain_messages_in_json() {
+        let plain = serde_json::to_value(user("hi")).unwrap();
+        assert_eq!(plain, serde_json::json!({"role": "user", "content": "hi"}));
+        let back: ChatMessage = serde_json::from_value(plain).unwrap();
+        assert_eq!(back, user("hi"));
+        let result = serde_json::to_value(ChatMessage::tool_result("c1", "ok")).unwrap();
+        assert_eq!(result, serde_json::json!({"role": "tool", "content": "ok", "tool_call_id": "c1"}));
     }
 
     #[test]

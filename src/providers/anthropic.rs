@@ -2,15 +2,20 @@
 //! Anthropic's SDKs. The system prompt is the top-level `system`; the
 //! conversation must start with a user turn and alternate. Input tokens come
 //! with `message_start`, output tokens (cumulative) with `message_delta`.
+//! Tool calls are `tool_use` content blocks, their results `tool_result`
+//! blocks of the next user turn; a call's input streams as
+//! `input_json_delta` pieces of its block.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ChatEvent, ChatProvider, ChatRequest, ChatStream, ProviderError, Usage,
+    ChatEvent, ChatOptions, ChatProvider, ChatRequest, ChatStream, FinishReason, ProviderError, ResponseFormat,
+    ToolChoice, Turn, Usage,
     http::Endpoint,
     sse::{self, Decoder, SseEvent},
     system_and_turns,
+    tools::{ToolCallStream, arguments_object},
 };
 use crate::domain::context::ChatRole;
 
@@ -36,24 +41,115 @@ impl AnthropicProvider {
     }
 }
 
-/// The request body: the system prompt as `system`, turns of one role
-/// merged, and assistant turns before the first user turn dropped (the
-/// context budget may have cut that user turn).
+/// A turn's content: plain text as a string, as before tools; else blocks,
+/// tool results first in a user turn (Anthropic requires it) and tool calls
+/// after the text in an assistant turn.
+fn content(turn: Turn<'_>) -> Value {
+    if turn.calls.is_empty() && turn.results.is_empty() {
+        return Value::String(turn.text.unwrap_or_default());
+    }
+    let results = turn.results.iter().map(|m| {
+        let id = m.tool_call_id.as_deref().unwrap_or_default();
+        json!({"type": "tool_result", "tool_use_id": id, "content": m.content})
+    });
+    // Anthropic refuses empty text blocks.
+    let text = turn.text.filter(|t| !t.is_empty()).map(|t| json!({"type": "text", "text": t}));
+    let calls = turn
+        .calls
+        .iter()
+        .map(|c| json!({"type": "tool_use", "id": c.id, "name": c.name, "input": arguments_object(&c.arguments)}));
+    Value::Array(results.chain(text).chain(calls).collect())
+}
+
+/// The system prompt, with what stands in for `response_format`: Anthropic
+/// has no JSON mode, so the model is asked for JSON in words.
+fn system_prompt(system: Option<String>, options: &ChatOptions) -> Option<String> {
+    let ask = match &options.response_format {
+        None | Some(ResponseFormat::Text) => return system,
+        Some(ResponseFormat::JsonObject) => "Answer with one JSON object and nothing else.".to_owned(),
+        Some(ResponseFormat::JsonSchema { schema, .. }) => {
+            format!("Answer with one JSON object that conforms to this JSON Schema, and nothing else: {schema}")
+        }
+    };
+    Some(match system {
+        Some(system) => format!("{system}\n\n{ask}"),
+        None => ask,
+    })
+}
+
+/// `tool_choice`, with `parallel_tool_calls: false` folded in (Anthropic
+/// says it as `disable_parallel_tool_use` on the choice).
+fn tool_choice(options: &ChatOptions) -> Option<Value> {
+    let single = options.parallel_tool_calls == Some(false);
+    let mut choice = match &options.tool_choice {
+        Some(ToolChoice::None) => return Some(json!({"type": "none"})),
+        Some(ToolChoice::Auto) => json!({"type": "auto"}),
+        Some(ToolChoice::Required) => json!({"type": "any"}),
+        Some(ToolChoice::Function(name)) => json!({"type": "tool", "name": name}),
+        None if single && !options.tools.is_empty() => json!({"type": "auto"}),
+        None => return None,
+    };
+    if single {
+        choice["disable_parallel_tool_use"] = json!(true);
+    }
+    Some(choice)
+}
+
+/// The request body: the system prompt as `system`, turns of one side
+/// merged, assistant turns before the first user turn dropped (the
+/// context budget may have cut that user turn), and the options Anthropic
+/// has (`seed` it has not).
 fn request_body(request: &ChatRequest, max_tokens: u32) -> Value {
+    let o = &request.options;
     let (system, turns) = system_and_turns(&request.messages);
     let messages: Vec<Value> = turns
         .into_iter()
-        .skip_while(|(role, _)| *role == ChatRole::Assistant)
-        .map(|(role, content)| json!({ "role": role, "content": content }))
+        .skip_while(|turn| turn.role == ChatRole::Assistant)
+        .map(|turn| json!({ "role": turn.role, "content": content(turn) }))
         .collect();
     let mut body = json!({
         "model": request.model,
-        "max_tokens": max_tokens,
+        "max_tokens": o.max_tokens.unwrap_or(max_tokens),
         "messages": messages,
         "stream": true,
     });
-    if let Some(system) = system {
+    if let Some(system) = system_prompt(system, o) {
         body["system"] = Value::String(system);
+    }
+    if let Some(t) = o.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(p) = o.top_p {
+        body["top_p"] = json!(p);
+    }
+    if !o.stop.is_empty() {
+        body["stop_sequences"] = json!(o.stop);
+    }
+    if let Some(user) = &o.user {
+        body["metadata"] = json!({"user_id": user});
+    }
+    if !o.tools.is_empty() {
+        let tools: Vec<Value> = o
+            .tools
+            .iter()
+            .map(|t| {
+                // The API requires a schema; a tool without parameters takes an empty object.
+                let schema = if t.parameters.is_null() {
+                    json!({"type": "object", "properties": {}})
+                } else {
+                    t.parameters.clone()
+                };
+                let mut tool = json!({"name": t.name, "input_schema": schema});
+                if let Some(d) = &t.description {
+                    tool["description"] = json!(d);
+                }
+                tool
+            })
+            .collect();
+        body["tools"] = Value::Array(tools);
+    }
+    if let Some(choice) = tool_choice(o) {
+        body["tool_choice"] = choice;
     }
     body
 }
@@ -92,12 +188,18 @@ enum Event {
         message: StartMessage,
     },
     ContentBlockStart {
+        index: u64,
         content_block: Value,
     },
     ContentBlockDelta {
+        index: u64,
         delta: Value,
     },
+    ContentBlockStop {
+        index: u64,
+    },
     MessageDelta {
+        delta: Option<MessageDeltaBody>,
         usage: Option<WireUsage>,
     },
     MessageStop,
@@ -106,6 +208,11 @@ enum Event {
     },
     #[serde(other)]
     Other,
+}
+
+#[derive(Deserialize)]
+struct MessageDeltaBody {
+    stop_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +247,19 @@ struct WireError {
 struct AnthropicDecoder {
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
+    /// Keyed by content block index: blocks are numbered over text and tool
+    /// blocks alike, our indices count tool calls only.
+    calls: ToolCallStream,
+}
+
+fn stop_reason(reason: &str) -> FinishReason {
+    match reason {
+        "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
+        "tool_use" => FinishReason::ToolCalls,
+        "refusal" => FinishReason::ContentFilter,
+        // end_turn, stop_sequence, pause_turn
+        _ => FinishReason::Stop,
+    }
 }
 
 fn text_of(block: &Value) -> Option<String> {
@@ -160,14 +280,41 @@ impl Decoder for AnthropicDecoder {
                 self.prompt_tokens = usage.prompt();
                 self.completion_tokens = usage.output_tokens;
             }
-            Event::ContentBlockStart { content_block } => out.extend(text_of(&content_block).map(ChatEvent::Delta)),
-            Event::ContentBlockDelta { delta } => out.extend(text_of(&delta).map(ChatEvent::Delta)),
-            Event::MessageDelta { usage } => {
+            Event::ContentBlockStart { index, content_block } => {
+                if content_block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    let field = |name: &str| content_block.get(name).and_then(Value::as_str);
+                    // The input is `{}` here and streams after; a proxy may send it whole instead.
+                    let input = content_block
+                        .get("input")
+                        .filter(|i| i.as_object().is_some_and(|o| !o.is_empty()))
+                        .map(Value::to_string)
+                        .unwrap_or_default();
+                    self.calls.piece(&index.to_string(), field("id"), field("name"), &input, out);
+                } else {
+                    out.extend(text_of(&content_block).map(ChatEvent::Delta));
+                }
+            }
+            Event::ContentBlockDelta { index, delta } => {
+                let partial = delta.get("partial_json").and_then(Value::as_str);
+                match partial {
+                    Some(json) if self.calls.knows(&index.to_string()) => {
+                        self.calls.piece(&index.to_string(), None, None, json, out);
+                    }
+                    _ => out.extend(text_of(&delta).map(ChatEvent::Delta)),
+                }
+            }
+            Event::ContentBlockStop { index } => self.calls.close(&index.to_string(), out),
+            Event::MessageDelta { delta, usage } => {
                 let usage = usage.unwrap_or_default();
                 self.prompt_tokens = usage.prompt().or(self.prompt_tokens);
                 self.completion_tokens = usage.output_tokens.or(self.completion_tokens);
+                if let Some(reason) = delta.and_then(|d| d.stop_reason) {
+                    self.calls.close_all(out);
+                    out.push(ChatEvent::Finish(stop_reason(&reason)));
+                }
             }
             Event::MessageStop => {
+                self.calls.close_all(out);
                 if let (Some(prompt_tokens), Some(completion_tokens)) = (self.prompt_tokens, self.completion_tokens) {
                     out.push(ChatEvent::Usage(Usage { prompt_tokens, completion_tokens, estimated: false }));
                 }
@@ -208,6 +355,7 @@ mod tests {
                 ChatMessage::new(ChatRole::User, "a"),
                 ChatMessage::new(ChatRole::User, "b"),
             ],
+            options: ChatOptions::default(),
         };
         let body = request_body(&request, 100);
         assert_eq!(body["system"], "be brief");
@@ -243,9 +391,104 @@ mod tests {
             out,
             [
                 ChatEvent::Delta("Hi".into()),
+                ChatEvent::Finish(FinishReason::Stop),
                 ChatEvent::Usage(Usage { prompt_tokens: 12, completion_tokens: 5, estimated: false })
             ]
         );
+    }
+
+    fn call(index: usize, id: Option<&str>, name: Option<&str>, arguments: &str) -> ChatEvent {
+        ChatEvent::ToolCallDelta {
+            index,
+            id: id.map(Into::into),
+            name: name.map(Into::into),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn text_and_tool_blocks_interleave_and_block_indices_become_tool_indices() {
+        let out = feed(&[
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":3,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Let me"}}"#,
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_a","name":"f","input":{}}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"q\":\"\\\""}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" see"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"\"}"}}"#,
+            r#"{"type":"content_block_stop","index":1}"#,
+            r#"{"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_b","name":"g","input":{}}}"#,
+            r#"{"type":"content_block_stop","index":2}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":9}}"#,
+            r#"{"type":"message_stop"}"#,
+        ])
+        .unwrap();
+        assert_eq!(
+            out,
+            [
+                ChatEvent::Delta("Let me".into()),
+                call(0, Some("toolu_a"), Some("f"), ""),
+                call(0, None, None, r#"{"q":"\""#),
+                ChatEvent::Delta(" see".into()),
+                call(0, None, None, "\"}"),
+                call(1, Some("toolu_b"), Some("g"), ""),
+                call(1, None, None, "{}"),
+                ChatEvent::Finish(FinishReason::ToolCalls),
+                ChatEvent::Usage(Usage { prompt_tokens: 3, completion_tokens: 9, estimated: false }),
+            ]
+        );
+    }
+
+    #[test]
+    fn stop_reasons_map_to_ours() {
+        for (wire, ours) in [
+            ("end_turn", FinishReason::Stop),
+            ("stop_sequence", FinishReason::Stop),
+            ("max_tokens", FinishReason::Length),
+            ("tool_use", FinishReason::ToolCalls),
+            ("refusal", FinishReason::ContentFilter),
+        ] {
+            assert_eq!(stop_reason(wire), ours, "{wire}");
+        }
+    }
+
+    #[test]
+    fn tool_results_merge_into_one_user_turn_with_the_next_user_message() {
+        let call = |id: &str| crate::domain::context::ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments: "not json".into(),
+        };
+        let request = ChatRequest {
+            model: "claude".into(),
+            messages: vec![
+                ChatMessage::new(ChatRole::User, "q"),
+                ChatMessage::tool_calls("", vec![call("a"), call("b")]),
+                ChatMessage::tool_result("a", "1"),
+                ChatMessage::tool_result("b", "2"),
+                ChatMessage::new(ChatRole::User, "next"),
+            ],
+            options: ChatOptions { parallel_tool_calls: Some(false), ..ChatOptions::default() },
+        };
+        let body = request_body(&request, 100);
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "a", "name": "f", "input": {}},
+                    {"type": "tool_use", "id": "b", "name": "f", "input": {}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "a", "content": "1"},
+                    {"type": "tool_result", "tool_use_id": "b", "content": "2"},
+                    {"type": "text", "text": "next"}
+                ]}
+            ]),
+            "unparsable arguments are sent as an empty input"
+        );
+        assert!(body.get("tool_choice").is_none(), "no tools, no choice");
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! One model's call, made resilient: a deadline for the whole attempt
 //! (PALAVER_PROVIDER_TIMEOUT, first byte to last) and, inside it, the idle
 //! timeout between two events (PALAVER_PROVIDER_IDLE_TIMEOUT), retries with
-//! backoff before the first delta, the final usage (estimated when the
-//! provider reports none) and the metrics.
+//! backoff before the first delta, the finish reason and the final usage
+//! (both supplied when the provider reports none) and the metrics.
 //!
 //! An attempt counts as started once its first event has arrived; until
 //! then any retryable failure (connection, 429, 5xx) tries again, after
-//! that every failure ends the reply, since the caller has shown text.
+//! that every failure ends the reply, since the caller has shown text or
+//! passed a tool call on.
 
 use std::{
     collections::HashSet,
@@ -18,9 +19,9 @@ use futures::{StreamExt, stream};
 use rand::Rng;
 use tokio::time::{Instant, timeout_at};
 
-use super::{ChatEvent, ChatProvider, ChatRequest, ChatStream, ProviderError, Usage};
+use super::{ChatEvent, ChatOptions, ChatProvider, ChatRequest, ChatStream, FinishReason, ProviderError, Usage};
 use crate::domain::{
-    context::{ChatMessage, estimate_tokens},
+    context::{ChatMessage, estimate_tokens, message_tokens},
     conversation::ModelId,
 };
 
@@ -39,15 +40,22 @@ pub struct CallPolicy {
 
 /// Longest backoff between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Per-message overhead of the chat formats, as the context budget counts it.
-const MESSAGE_OVERHEAD_TOKENS: usize = 4;
 /// Distinct model labels kept in metrics; clients may name any model, and
 /// each label set costs memory forever.
 const MAX_MODEL_LABELS: usize = 200;
 
-/// Our estimate of a prompt's size, for providers that report none.
-pub fn estimate_prompt_tokens(messages: &[ChatMessage]) -> i64 {
-    messages.iter().map(|m| estimate_tokens(&m.content) + MESSAGE_OVERHEAD_TOKENS).sum::<usize>() as i64
+/// Our estimate of a prompt's size, for providers that report none: the
+/// messages as the context budget counts them, and the tool specs.
+pub fn estimate_prompt_tokens(messages: &[ChatMessage], options: &ChatOptions) -> i64 {
+    let tools: usize = options
+        .tools
+        .iter()
+        .map(|t| {
+            let description = t.description.as_deref().map_or(0, estimate_tokens);
+            estimate_tokens(&t.name) + description + estimate_tokens(&t.parameters.to_string())
+        })
+        .sum();
+    (messages.iter().map(message_tokens).sum::<usize>() + tools) as i64
 }
 
 #[derive(Clone)]
@@ -134,12 +142,13 @@ pub async fn start(
     adapter: &Arc<dyn ChatProvider>,
     model: &ModelId,
     messages: &[ChatMessage],
+    options: &ChatOptions,
     policy: &CallPolicy,
 ) -> Result<ChatStream, ProviderError> {
     let labels = Labels::of(model);
     let mut attempt = 0;
     loop {
-        let error = match attempt_once(adapter, model, messages, policy, &labels).await {
+        let error = match attempt_once(adapter, model, messages, options, policy, &labels).await {
             Ok(stream) => return Ok(stream),
             Err(e) => e,
         };
@@ -162,13 +171,15 @@ async fn attempt_once(
     adapter: &Arc<dyn ChatProvider>,
     model: &ModelId,
     messages: &[ChatMessage],
+    options: &ChatOptions,
     policy: &CallPolicy,
     labels: &Labels,
 ) -> Result<ChatStream, ProviderError> {
     labels.call();
     let started = Instant::now();
     let deadline = started + policy.attempt_timeout;
-    let request = ChatRequest { model: model.model().to_owned(), messages: messages.to_vec() };
+    let request =
+        ChatRequest { model: model.model().to_owned(), messages: messages.to_vec(), options: options.clone() };
     let opened = async {
         let mut events = adapter.stream_chat(request).await?;
         let first = events.next().await.transpose()?;
@@ -191,18 +202,22 @@ async fn attempt_once(
         deadline,
         labels: labels.clone(),
         started,
-        saw_delta: false,
+        saw_output: false,
+        saw_tool_call: false,
         completion_chars: 0,
-        prompt_estimate: estimate_prompt_tokens(messages),
+        prompt_estimate: estimate_prompt_tokens(messages, options),
+        finish: None,
         usage: None,
+        ending: None,
         done: false,
     };
     Ok(Box::pin(stream::unfold(guard, |mut g| async move { g.next().await.map(|e| (e, g)) })))
 }
 
 /// A started attempt: applies the idle timeout and the attempt's deadline
-/// to what is left, holds the provider's usage back until the end and makes
-/// sure the stream ends with one (estimated if need be).
+/// to what is left, holds the provider's finish reason and usage back until
+/// the end and makes sure the stream ends with exactly one of each: the
+/// reason derived from what was sent, the usage estimated, if need be.
 struct Guard {
     events: ChatStream,
     first: Option<ChatEvent>,
@@ -211,15 +226,24 @@ struct Guard {
     deadline: Instant,
     labels: Labels,
     started: Instant,
-    saw_delta: bool,
+    /// A text or tool-call delta went out (the first one is the TTFT).
+    saw_output: bool,
+    saw_tool_call: bool,
     completion_chars: usize,
     prompt_estimate: i64,
+    /// The provider's first finish reason.
+    finish: Option<FinishReason>,
     usage: Option<Usage>,
+    /// The usage, once the finish reason went out.
+    ending: Option<Usage>,
     done: bool,
 }
 
 impl Guard {
     async fn next(&mut self) -> Option<Result<ChatEvent, ProviderError>> {
+        if let Some(usage) = self.ending.take() {
+            return Some(Ok(ChatEvent::Usage(usage)));
+        }
         if self.done {
             return None;
         }
@@ -235,12 +259,17 @@ impl Guard {
                     if text.is_empty() {
                         continue;
                     }
-                    if !self.saw_delta {
-                        self.saw_delta = true;
-                        self.labels.first_token(self.started);
-                    }
-                    self.completion_chars += text.chars().count();
+                    self.output(text.chars().count());
                     return Some(Ok(ChatEvent::Delta(text)));
+                }
+                Ok(Some(Ok(ChatEvent::ToolCallDelta { index, id, name, arguments }))) => {
+                    // The model wrote the name and the arguments; the id is the provider's.
+                    self.output(name.as_deref().map_or(0, |n| n.chars().count()) + arguments.chars().count());
+                    self.saw_tool_call = true;
+                    return Some(Ok(ChatEvent::ToolCallDelta { index, id, name, arguments }));
+                }
+                Ok(Some(Ok(ChatEvent::Finish(reason)))) => {
+                    self.finish.get_or_insert(reason);
                 }
                 Ok(Some(Ok(ChatEvent::Usage(u)))) => self.usage = Some(u),
                 Ok(None) => {
@@ -252,12 +281,23 @@ impl Guard {
                     });
                     self.labels.tokens(&usage);
                     self.labels.latency(self.started);
-                    return Some(Ok(ChatEvent::Usage(usage)));
+                    self.ending = Some(usage);
+                    let derived = if self.saw_tool_call { FinishReason::ToolCalls } else { FinishReason::Stop };
+                    return Some(Ok(ChatEvent::Finish(self.finish.unwrap_or(derived))));
                 }
                 Ok(Some(Err(e))) => return Some(Err(self.fail(e))),
                 Err(_) => return Some(Err(self.fail(ProviderError::Timeout))),
             }
         }
+    }
+
+    /// Output went out: `chars` of it.
+    fn output(&mut self, chars: usize) {
+        if !self.saw_output {
+            self.saw_output = true;
+            self.labels.first_token(self.started);
+        }
+        self.completion_chars += chars;
     }
 
     fn fail(&mut self, e: ProviderError) -> ProviderError {

@@ -11,6 +11,7 @@ mod http;
 mod offline;
 mod openai;
 pub mod sse;
+mod tools;
 
 use std::{
     collections::BTreeMap,
@@ -21,6 +22,7 @@ use std::{
 };
 
 use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
 
 pub use anthropic::AnthropicProvider;
 pub use call::{CallPolicy, error_kind, estimate_prompt_tokens};
@@ -31,16 +33,83 @@ pub use openai::OpenAiProvider;
 use crate::{
     config::{ProviderSettings, Secret},
     domain::{
-        context::{ChatMessage, ChatRole, context_window},
+        context::{ChatMessage, ChatRole, ToolCall, context_window},
         conversation::ModelId,
     },
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
     /// The model name as the provider knows it (no `provider/` prefix).
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    pub options: ChatOptions,
+}
+
+/// How to generate, beyond the messages: each format sends what it can of
+/// what is set and leaves the rest to the provider's defaults.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChatOptions {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// The reply's length cap (OpenAI's `max_tokens` / `max_completion_tokens`).
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    /// The end user, for the provider's abuse monitoring.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { name: String, schema: serde_json::Value, strict: Option<bool> },
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON Schema of the arguments object (`Null` when it takes none).
+    pub parameters: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    Auto,
+    None,
+    /// Some tool must be called.
+    Required,
+    /// This tool must be called.
+    Function(String),
+}
+
+/// Why a reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ToolCalls,
+    ContentFilter,
+}
+
+impl FinishReason {
+    /// The `finish_reason` of OpenAI's chat completions.
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+            Self::ContentFilter => "content_filter",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +123,18 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatEvent {
     Delta(String),
+    /// A piece of a tool call. The first piece of each `index` (0, 1, 2… in
+    /// the order the model started them, counting tool calls only) carries
+    /// `id` and `name`; later pieces carry only argument text. Concatenating
+    /// the `arguments` of one index gives the call's full JSON arguments.
+    ToolCallDelta {
+        index: usize,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
+    },
+    /// Why the reply ended: once, before `Usage`.
+    Finish(FinishReason),
     Usage(Usage),
 }
 
@@ -83,13 +164,14 @@ pub trait ChatProvider: Send + Sync {
     fn name(&self) -> &str;
     /// Models to advertise in /api/models (others are accepted too).
     fn models(&self) -> Vec<String>;
-    /// Starts a reply; the stream yields text deltas and ends with usage
-    /// when the provider reports it.
+    /// Starts a reply; the stream yields text and tool-call deltas, the
+    /// finish reason and the usage when the provider reports them.
     async fn stream_chat(&self, request: ChatRequest) -> Result<ChatStream, ProviderError>;
 }
 
-/// A reply under way: its text deltas, then exactly one `Usage` (estimated
-/// when the provider reported none) — or an error, which ends it.
+/// A reply under way: its text and tool-call deltas, then exactly one
+/// `Finish` and one `Usage` (estimated when the provider reported none) — or
+/// an error, which ends it.
 /// `model()` is the model that is answering, a fallback model if the one
 /// asked for failed.
 pub struct ReplyStream {
@@ -115,6 +197,9 @@ impl Stream for ReplyStream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     pub text: String,
+    /// The tools the model called, in the order it called them.
+    pub tool_calls: Vec<ToolCall>,
+    pub finish_reason: FinishReason,
     pub usage: Usage,
     /// The model that answered (a fallback model if the one asked for failed).
     pub model: ModelId,
@@ -138,23 +223,57 @@ pub struct Providers {
     context_windows: Vec<(String, usize)>,
 }
 
+/// One turn of a format that wants user and assistant turns alternating
+/// (Anthropic, Gemini): consecutive messages of one side merged. Tool
+/// results are the user's side.
+#[derive(Debug, PartialEq)]
+struct Turn<'a> {
+    /// `User` or `Assistant`.
+    role: ChatRole,
+    /// The texts of the turn's messages, joined (`None` when all were empty).
+    text: Option<String>,
+    /// The assistant's tool calls.
+    calls: Vec<&'a ToolCall>,
+    /// The tool results (role `Tool`) of a user turn.
+    results: Vec<&'a ChatMessage>,
+}
+
 /// For formats that take the system prompt apart and want the turns to
-/// alternate: the system messages joined, and the other turns with
-/// consecutive turns of one role merged.
-fn system_and_turns(messages: &[ChatMessage]) -> (Option<String>, Vec<(ChatRole, String)>) {
+/// alternate: the system messages joined, and the other messages as turns.
+fn system_and_turns(messages: &[ChatMessage]) -> (Option<String>, Vec<Turn<'_>>) {
     let system: Vec<&str> =
         messages.iter().filter(|m| m.role == ChatRole::System).map(|m| m.content.as_str()).collect();
-    let mut turns: Vec<(ChatRole, String)> = Vec::new();
+    let mut turns: Vec<Turn<'_>> = Vec::new();
     for m in messages.iter().filter(|m| m.role != ChatRole::System) {
-        match turns.last_mut() {
-            Some((role, text)) if *role == m.role => {
+        let side = if m.role == ChatRole::Assistant { ChatRole::Assistant } else { ChatRole::User };
+        if turns.last().is_none_or(|t| t.role != side) {
+            turns.push(Turn { role: side, text: None, calls: Vec::new(), results: Vec::new() });
+        }
+        let turn = turns.last_mut().expect("pushed above");
+        if m.role == ChatRole::Tool {
+            turn.results.push(m);
+            continue;
+        }
+        turn.calls.extend(&m.tool_calls);
+        // A tool-calling turn often says nothing; that is no text to join.
+        if m.content.is_empty() && !m.tool_calls.is_empty() {
+            continue;
+        }
+        match &mut turn.text {
+            Some(text) => {
                 text.push_str("\n\n");
                 text.push_str(&m.content);
             }
-            _ => turns.push((m.role, m.content.clone())),
+            None => turn.text = Some(m.content.clone()),
         }
     }
     ((!system.is_empty()).then(|| system.join("\n\n")), turns)
+}
+
+/// The name of the tool call `id`, from the assistant turns of `messages`
+/// (for formats that answer a call by name).
+fn tool_name<'a>(messages: &'a [ChatMessage], id: &str) -> Option<&'a str> {
+    messages.iter().flat_map(|m| &m.tool_calls).find(|c| c.id == id).map(|c| c.name.as_str())
 }
 
 /// A key setting counts when it holds a non-blank value (`OPENAI_API_KEY=`
@@ -321,11 +440,22 @@ impl Providers {
         items
     }
 
+    /// Starts a reply with the provider's default options (see `stream_with`).
+    pub async fn stream(&self, model: &ModelId, messages: Vec<ChatMessage>) -> Result<ReplyStream, ProviderError> {
+        self.stream_with(model, messages, ChatOptions::default()).await
+    }
+
     /// Starts a reply: `model` first, then each fallback model, each with
     /// its retries. Answers once the first event has arrived, so a failure
-    /// before any text is retried or falls back, and one after it ends the
-    /// stream (the caller has shown text by then). Timeouts apply inside.
-    pub async fn stream(&self, model: &ModelId, messages: Vec<ChatMessage>) -> Result<ReplyStream, ProviderError> {
+    /// before any output is retried or falls back, and one after it ends the
+    /// stream (the caller has shown text or tool calls by then). Timeouts
+    /// apply inside.
+    pub async fn stream_with(
+        &self,
+        model: &ModelId,
+        messages: Vec<ChatMessage>,
+        options: ChatOptions,
+    ) -> Result<ReplyStream, ProviderError> {
         let mut first_error = None;
         let candidates = std::iter::once(model).chain(self.fallbacks.iter().filter(|f| *f != model));
         for candidate in candidates {
@@ -343,7 +473,7 @@ impl Providers {
                     "trying a fallback model"
                 );
             }
-            match call::start(adapter, candidate, &messages, &self.policy).await {
+            match call::start(adapter, candidate, &messages, &options, &self.policy).await {
                 Ok(events) => return Ok(ReplyStream { model: candidate.clone(), events }),
                 Err(e) => {
                     let (model, error) = (candidate.to_string(), e.to_string());
@@ -361,18 +491,40 @@ impl Providers {
         Err(first_error.expect("at least the asked model was tried"))
     }
 
-    /// Runs a whole reply (with retries, fallback and timeouts, as `stream`).
+    /// Runs a whole reply with the provider's default options.
     pub async fn complete(&self, model: &ModelId, messages: Vec<ChatMessage>) -> Result<Completion, ProviderError> {
-        let mut stream = self.stream(model, messages).await?;
+        self.complete_with(model, messages, ChatOptions::default()).await
+    }
+
+    /// Runs a whole reply (with retries, fallback and timeouts, as
+    /// `stream_with`) and collects it.
+    pub async fn complete_with(
+        &self,
+        model: &ModelId,
+        messages: Vec<ChatMessage>,
+        options: ChatOptions,
+    ) -> Result<Completion, ProviderError> {
+        let mut stream = self.stream_with(model, messages, options).await?;
         let mut text = String::new();
+        let mut tool_calls: Vec<ToolCall> = Vec::new();
+        let mut finish_reason = FinishReason::Stop;
         let mut usage = Usage::default();
         while let Some(event) = stream.next().await {
             match event? {
                 ChatEvent::Delta(d) => text.push_str(&d),
+                ChatEvent::ToolCallDelta { index, id, name, arguments } => match tool_calls.get_mut(index) {
+                    Some(call) => call.arguments.push_str(&arguments),
+                    None => tool_calls.push(ToolCall {
+                        id: id.unwrap_or_default(),
+                        name: name.unwrap_or_default(),
+                        arguments,
+                    }),
+                },
+                ChatEvent::Finish(reason) => finish_reason = reason,
                 ChatEvent::Usage(u) => usage = u,
             }
         }
-        Ok(Completion { text, usage, model: stream.model })
+        Ok(Completion { text, tool_calls, finish_reason, usage, model: stream.model })
     }
 }
 

@@ -1,8 +1,9 @@
 //! One stand-in LLM for every test binary: a small axum server on a random
 //! port speaking the three streaming wire formats (OpenAI chat completions,
 //! Gemini streamGenerateContent, Anthropic Messages). It records every
-//! request; a `Behaviour` says what it answers (an echo, a text, an error, a
-//! hang or a paced script that finishes, hangs or drops), and `Fault`s queued
+//! request; a `Behaviour` says what it answers (an echo, a text, tool calls,
+//! an error, a hang or a paced script that finishes, hangs or drops), and
+//! `Fault`s queued
 //! on top fail single requests the ways real providers do. It counts the
 //! scripted chunks it sent and the scripted streams still open, so tests see
 //! when the server stopped reading.
@@ -42,6 +43,10 @@ pub const MOCK_COMPLETION_TOKENS: i64 = OPENAI_USAGE.1;
 pub const PIECES: [&str; 4] = ["Hel", "lo, ", "wor", "ld 🌍"];
 pub const REPLY: &str = "Hello, world 🌍";
 
+/// Tool-call arguments stream in pieces of this many characters (so pieces
+/// end inside JSON strings, escapes and multi-byte characters).
+pub const TOOL_PIECE_CHARS: usize = 4;
+
 /// How long a hung mock waits before answering: far beyond any test's
 /// provider timeout.
 const HANG_FOR: Duration = Duration::from_secs(120);
@@ -72,6 +77,31 @@ pub enum Behaviour {
     /// Streams these chunks (also for `stream: false`, which the server no
     /// longer asks for).
     Stream(Script),
+    /// Calls tools, in each format's real shape and finish reason.
+    ToolCalls(ToolReply),
+}
+
+/// A reply that calls tools: `text` first (if any), then each call, its
+/// arguments streamed in `TOOL_PIECE_CHARS` pieces (OpenAI, Anthropic) or
+/// whole (Gemini, which sends all calls in its last chunk). Call `i` has id
+/// `call_mock_<i>` (OpenAI) or `toolu_mock_<i>` (Anthropic); Gemini gives none.
+#[derive(Debug, Clone)]
+pub struct ToolReply {
+    pub text: String,
+    /// `(name, arguments as JSON text)`.
+    pub calls: Vec<(String, String)>,
+}
+
+impl ToolReply {
+    pub fn calls(calls: &[(&str, &str)]) -> Self {
+        let calls = calls.iter().map(|(n, a)| ((*n).to_owned(), (*a).to_owned())).collect();
+        Self { text: String::new(), calls }
+    }
+
+    pub fn after_text(mut self, text: &str) -> Self {
+        self.text = text.to_owned();
+        self
+    }
 }
 
 /// A streamed reply: after `start`, `chunks` with a pause of `every` before
@@ -284,6 +314,11 @@ impl MockLlm {
         self.set_behaviour(Behaviour::Hang);
     }
 
+    /// Answers every request by calling these tools.
+    pub fn call_tools(&self, reply: ToolReply) {
+        self.set_behaviour(Behaviour::ToolCalls(reply));
+    }
+
     /// The next request (after those already queued) fails like this.
     pub fn then(&self, fault: Fault) -> &Self {
         self.state.lock().unwrap().queue.push_back(fault);
@@ -418,33 +453,50 @@ async fn handle(State(shared): State<Shared>, uri: Uri, headers: HeaderMap, body
         _ => {}
     }
     let model = body["model"].as_str().unwrap_or_default().to_owned();
-    let (script, scripted) = match behaviour {
-        Behaviour::Stream(script) => (script, true),
+    let (script, calls, scripted) = match behaviour {
+        Behaviour::Stream(script) => (script, Vec::new(), true),
         Behaviour::Echo | Behaviour::Reply(_) => {
             let text = match behaviour {
                 Behaviour::Reply(text) => text,
                 _ => echo_of(&last_user_text(&body)),
             };
             if format == Format::OpenAi && body["stream"] != true {
-                return completion(&model, &text);
+                return completion(&model, &text, &[]);
             }
-            (Script::of(halves(&text), Duration::ZERO), false)
+            (Script::of(halves(&text), Duration::ZERO), Vec::new(), false)
+        }
+        Behaviour::ToolCalls(reply) => {
+            if format == Format::OpenAi && body["stream"] != true {
+                return completion(&model, &reply.text, &reply.calls);
+            }
+            let pieces = if reply.text.is_empty() { Vec::new() } else { halves(&reply.text) };
+            (Script::of(pieces, Duration::ZERO), reply.calls, false)
         }
         Behaviour::Fail(_) | Behaviour::Hang => unreachable!("turned into a fault above"),
     };
-    stream_reply(format, &model, script, fault, delay, scripted.then_some(stats))
+    stream_reply(format, &model, script, &calls, fault, delay, scripted.then_some(stats))
 }
 
-/// The last user message's text, in OpenAI/Anthropic (`messages`) or Gemini
-/// (`contents`) form.
+/// The last user message's text, in OpenAI/Anthropic (`messages`, content
+/// a string or blocks) or Gemini (`contents`) form.
 fn last_user_text(body: &Value) -> String {
     let openai = body["messages"].as_array().and_then(|m| m.iter().rev().find(|m| m["role"] == "user"));
     let gemini = || body["contents"].as_array().and_then(|c| c.iter().rev().find(|c| c["role"] == "user"));
+    let text_in = |items: &Value| {
+        let items = items.as_array().map(Vec::as_slice).unwrap_or_default();
+        items.iter().find_map(|i| i["text"].as_str()).unwrap_or_default().to_owned()
+    };
     match (openai, gemini()) {
-        (Some(m), _) => m["content"].as_str().unwrap_or_default().to_owned(),
-        (None, Some(c)) => c["parts"][0]["text"].as_str().unwrap_or_default().to_owned(),
+        (Some(m), _) => m["content"].as_str().map_or_else(|| text_in(&m["content"]), str::to_owned),
+        (None, Some(c)) => text_in(&c["parts"]),
         (None, None) => String::new(),
     }
+}
+
+/// `text` in pieces of `TOOL_PIECE_CHARS` characters.
+fn small_pieces(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars.chunks(TOOL_PIECE_CHARS).map(|c| c.iter().collect()).collect()
 }
 
 /// A text in two deltas, split at a character boundary.
@@ -454,19 +506,31 @@ fn halves(text: &str) -> Vec<String> {
     vec![a.to_owned(), b.to_owned()]
 }
 
-/// A `stream: false` OpenAI answer.
-fn completion(model: &str, text: &str) -> Response {
+/// A `stream: false` OpenAI answer (calling `calls`, if any).
+fn completion(model: &str, text: &str, calls: &[(String, String)]) -> Response {
     let (p, c) = OPENAI_USAGE;
+    let mut message = json!({"role": "assistant", "content": text});
+    let mut finish_reason = "stop";
+    if !calls.is_empty() {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, arguments))| {
+                json!({"id": format!("call_mock_{i}"), "type": "function", "function": {"name": name, "arguments": arguments}})
+            })
+            .collect();
+        message["tool_calls"] = Value::Array(calls);
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        finish_reason = "tool_calls";
+    }
     Json(json!({
         "id": "chatcmpl-x",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": "stop"
-        }],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     }))
     .into_response()
@@ -494,12 +558,13 @@ fn stream_reply(
     format: Format,
     model: &str,
     script: Script,
+    calls: &[(String, String)],
     fault: Fault,
     chunk_delay: Duration,
     stats: Option<Arc<StreamStats>>,
 ) -> Response {
     let with_usage = !matches!(fault, Fault::NoUsage);
-    let (deltas, rest) = events(format, model, &script.chunks, with_usage);
+    let (deltas, rest) = events(format, model, &script.chunks, calls, with_usage);
     let mut steps = VecDeque::new();
     let mut tail = match script.end {
         StreamEnd::Finish => Tail::Done,
@@ -572,9 +637,16 @@ impl Drop for Feed {
     }
 }
 
-/// The events of a reply of `pieces` in `format`: the ones up to the last
-/// delta (flagged when they carry a delta), then the closing ones.
-fn events(format: Format, model: &str, pieces: &[String], with_usage: bool) -> (Vec<(String, bool)>, Vec<String>) {
+/// The events of a reply of `pieces`, then `calls`, in `format`: the ones up
+/// to the last delta (flagged when they carry a delta or a piece of a call),
+/// then the closing ones.
+fn events(
+    format: Format,
+    model: &str,
+    pieces: &[String],
+    calls: &[(String, String)],
+    with_usage: bool,
+) -> (Vec<(String, bool)>, Vec<String>) {
     let data = |v: Value| format!("data: {v}\n\n");
     match format {
         Format::OpenAi => {
@@ -586,7 +658,21 @@ fn events(format: Format, model: &str, pieces: &[String], with_usage: bool) -> (
             };
             let mut deltas = vec![(chunk(json!([{"index": 0, "delta": {"role": "assistant"}}])), false)];
             deltas.extend(pieces.iter().map(|p| (chunk(json!([{"index": 0, "delta": {"content": p}}])), true)));
-            let mut rest = vec![chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]))];
+            for (i, (name, arguments)) in calls.iter().enumerate() {
+                let call = |v: Value| chunk(json!([{"index": 0, "delta": {"tool_calls": [v]}}]));
+                let first = json!({
+                    "index": i, "id": format!("call_mock_{i}"), "type": "function",
+                    "function": {"name": name, "arguments": ""}
+                });
+                deltas.push((call(first), true));
+                deltas.extend(
+                    small_pieces(arguments)
+                        .into_iter()
+                        .map(|p| (call(json!({"index": i, "function": {"arguments": p}})), true)),
+                );
+            }
+            let finish_reason = if calls.is_empty() { "stop" } else { "tool_calls" };
+            let mut rest = vec![chunk(json!([{"index": 0, "delta": {}, "finish_reason": finish_reason}]))];
             if with_usage {
                 let (p, c) = OPENAI_USAGE;
                 rest.push(data(json!({
@@ -608,46 +694,87 @@ fn events(format: Format, model: &str, pieces: &[String], with_usage: bool) -> (
                     json!({"promptTokenCount": p})
                 }
             };
-            let chunk = |text: &str, done: bool| {
-                let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+            let chunk = |parts: Value, done: bool| {
+                let mut candidate = json!({"content": {"parts": parts, "role": "model"}, "index": 0});
                 if done {
                     candidate["finishReason"] = json!("STOP");
                 }
                 format!("data: {}\r\n\r\n", json!({"candidates": [candidate], "usageMetadata": usage(done)}))
             };
             let last = pieces.len().saturating_sub(1);
-            let deltas = pieces.iter().enumerate().map(|(i, p)| (chunk(p, i == last), true)).collect();
+            let mut deltas: Vec<(String, bool)> = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (chunk(json!([{"text": p}]), i == last && calls.is_empty()), true))
+                .collect();
+            if !calls.is_empty() {
+                // Gemini sends calls whole, parallel ones as parts of one chunk.
+                let parts: Vec<Value> = calls
+                    .iter()
+                    .map(|(name, arguments)| {
+                        let args: Value = serde_json::from_str(arguments).expect("scripted arguments are JSON");
+                        json!({"functionCall": {"name": name, "args": args}})
+                    })
+                    .collect();
+                deltas.push((chunk(Value::Array(parts), true), true));
+            }
             (deltas, Vec::new())
         }
         Format::Anthropic => {
             let (p, c) = ANTHROPIC_USAGE;
             let named = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
+            let block_stop =
+                |index: usize| named("content_block_stop", json!({"type": "content_block_stop", "index": index}));
             let start_usage = if with_usage { json!({"input_tokens": p, "output_tokens": 1}) } else { json!({}) };
-            let mut deltas = vec![(
-                named(
-                    "message_start",
-                    json!({"type": "message_start", "message": {"id": "msg_1", "role": "assistant", "content": [], "usage": start_usage}}),
-                ) + &named(
+            let mut opening = named(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1", "role": "assistant", "content": [], "usage": start_usage}}),
+            );
+            let text_block = calls.is_empty() || !pieces.is_empty();
+            if text_block {
+                opening += &named(
                     "content_block_start",
                     json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-                ),
-                false,
-            )];
+                );
+            }
+            let mut deltas = vec![(opening, false)];
             deltas.extend(pieces.iter().map(|t| {
                 let delta =
                     json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}});
                 (named("content_block_delta", delta), true)
             }));
+            if !calls.is_empty() && text_block {
+                deltas.push((block_stop(0), false));
+            }
+            let first_tool_block = usize::from(text_block);
+            for (i, (name, arguments)) in calls.iter().enumerate() {
+                let index = first_tool_block + i;
+                let input_delta = |json: &str| {
+                    let delta = json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": json}});
+                    named("content_block_delta", delta)
+                };
+                let start = named(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": index,
+                        "content_block": {"type": "tool_use", "id": format!("toolu_mock_{i}"), "name": name, "input": {}}}),
+                );
+                // Anthropic's first input delta is empty.
+                deltas.push((start + &input_delta(""), false));
+                deltas.extend(small_pieces(arguments).iter().map(|p| (input_delta(p), true)));
+                deltas.push((block_stop(index), false));
+            }
             let end_usage = if with_usage { json!({"output_tokens": c}) } else { json!({}) };
-            let rest = vec![
-                named("ping", json!({"type": "ping"})),
-                named("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
-                named(
-                    "message_delta",
-                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": end_usage}),
-                ),
-                named("message_stop", json!({"type": "message_stop"})),
-            ];
+            let stop_reason = if calls.is_empty() { "end_turn" } else { "tool_use" };
+            let mut rest = vec![named("ping", json!({"type": "ping"}))];
+            if calls.is_empty() {
+                rest.push(block_stop(0));
+            }
+            rest.push(named(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": end_usage}),
+            ));
+            rest.push(named("message_stop", json!({"type": "message_stop"})));
             (deltas, rest)
         }
     }

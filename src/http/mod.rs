@@ -13,6 +13,7 @@ pub mod keys;
 pub mod middleware;
 pub mod openai;
 pub mod ops;
+pub mod responses;
 pub mod send;
 pub mod serve;
 pub mod socket;
@@ -110,6 +111,16 @@ pub fn api_parts(limits: &ServerLimits) -> (Router<Arc<AppState>>, utoipa::opena
     (api, openapi)
 }
 
+/// The OpenAI-compatible routes. They speak OpenAI's format, not this API's,
+/// so OpenAI's reference documents them rather than `/openapi.json`.
+fn v1_routes() -> Router<Arc<AppState>> {
+    use axum::routing::{get, post};
+    Router::new()
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/responses", post(responses::responses))
+}
+
 /// The whole application: API, docs, fallbacks and the layer stack.
 pub fn router(state: Arc<AppState>) -> Router {
     let limits = ServerLimits {
@@ -119,7 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let (api, openapi) = api_parts(&limits);
     let cors = middleware::cors(&state.settings.server.cors_origins());
     api.merge(docs::routes(openapi))
-        .merge(openai::routes())
+        .merge(v1_routes())
         .fallback(|| async { error::ApiError::NotFound })
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(middleware::access_log))

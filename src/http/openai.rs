@@ -39,13 +39,6 @@ const FIRST_EVENT_GRACE: Duration = Duration::from_secs(2);
 /// How often a waiting stream pings.
 const PING_EVERY: Duration = Duration::from_secs(5);
 
-/// The `/v1` routes. They speak OpenAI's format, not this API's, so they are
-/// documented by OpenAI's reference rather than in `/openapi.json`.
-pub fn routes() -> axum::Router<Arc<AppState>> {
-    use axum::routing::{get, post};
-    axum::Router::new().route("/v1/models", get(models)).route("/v1/chat/completions", post(chat_completions))
-}
-
 // ---------------------------------------------------------------------------
 // Errors, as OpenAI shapes them
 
@@ -61,11 +54,11 @@ pub struct OpenAiError {
 }
 
 impl OpenAiError {
-    fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), kind, param: None, code: Some(code.to_owned()), retry_after_secs: None }
     }
 
-    fn invalid(param: &str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param.to_owned()),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request_error", message)
@@ -94,7 +87,7 @@ impl OpenAiError {
     }
 
     /// A provider failure after the provider layer's retries and fallbacks.
-    fn from_provider(e: &ProviderError) -> Self {
+    pub(super) fn from_provider(e: &ProviderError) -> Self {
         let message = e.to_string();
         match e {
             ProviderError::Timeout => Self::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "provider_timeout", message),
@@ -110,7 +103,7 @@ impl OpenAiError {
         }
     }
 
-    fn body(&self) -> Value {
+    pub(super) fn body(&self) -> Value {
         json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
     }
 
@@ -152,7 +145,7 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-type V1Result<T> = Result<T, OpenAiError>;
+pub(super) type V1Result<T> = Result<T, OpenAiError>;
 
 // ---------------------------------------------------------------------------
 // Authentication: an API key or an access token
@@ -179,12 +172,12 @@ impl FromRequestParts<Arc<AppState>> for V1Caller {
 }
 
 impl V1Caller {
-    fn caller(&self) -> Caller {
+    pub(super) fn caller(&self) -> Caller {
         Caller { user_id: self.0.user.id.clone(), key_id: self.0.key.as_ref().map(|k| k.id.clone()) }
     }
 
     /// The model, if it exists and this caller may use it.
-    fn model(&self, state: &AppState, requested: &str) -> V1Result<ModelId> {
+    pub(super) fn model(&self, state: &AppState, requested: &str) -> V1Result<ModelId> {
         let model =
             state.providers.validate_model(requested).map_err(|e| OpenAiError::model_not_found(requested, &e))?;
         if let Some(key) = &self.0.key
@@ -282,7 +275,7 @@ fn parse_completion(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Resu
     Ok(CompletionRequest { model, messages, options, stream, include_usage })
 }
 
-fn opt_bool(body: &Map<String, Value>, field: &str) -> V1Result<Option<bool>> {
+pub(super) fn opt_bool(body: &Map<String, Value>, field: &str) -> V1Result<Option<bool>> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -290,7 +283,7 @@ fn opt_bool(body: &Map<String, Value>, field: &str) -> V1Result<Option<bool>> {
     }
 }
 
-fn opt_u32(body: &Map<String, Value>, field: &str) -> V1Result<Option<u32>> {
+pub(super) fn opt_u32(body: &Map<String, Value>, field: &str) -> V1Result<Option<u32>> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
@@ -300,7 +293,7 @@ fn opt_u32(body: &Map<String, Value>, field: &str) -> V1Result<Option<u32>> {
     }
 }
 
-fn opt_f64(body: &Map<String, Value>, field: &str, min: f64, max: f64) -> V1Result<Option<f64>> {
+pub(super) fn opt_f64(body: &Map<String, Value>, field: &str, min: f64, max: f64) -> V1Result<Option<f64>> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -310,7 +303,7 @@ fn opt_f64(body: &Map<String, Value>, field: &str, min: f64, max: f64) -> V1Resu
     }
 }
 
-fn parse_stop(v: Option<&Value>) -> V1Result<Vec<String>> {
+pub(super) fn parse_stop(v: Option<&Value>) -> V1Result<Vec<String>> {
     let bad = || OpenAiError::invalid("stop", "`stop` must be a string or an array of up to 4 strings.");
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
@@ -369,11 +362,11 @@ fn parse_tools(v: Option<&Value>) -> V1Result<Vec<ToolSpec>> {
         .collect()
 }
 
-fn valid_tool_name(n: &str) -> bool {
+pub(super) fn valid_tool_name(n: &str) -> bool {
     (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn parse_tool_choice(v: Option<&Value>) -> V1Result<Option<ToolChoice>> {
+pub(super) fn parse_tool_choice(v: Option<&Value>) -> V1Result<Option<ToolChoice>> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => match s.as_str() {
@@ -433,7 +426,7 @@ fn parse_messages(items: &[Value]) -> V1Result<Vec<ChatMessage>> {
 }
 
 /// A message's text: a string, null, or an array of text parts.
-fn text_of(v: Option<&Value>, param: &str) -> V1Result<String> {
+pub(super) fn text_of(v: Option<&Value>, param: &str) -> V1Result<String> {
     match v {
         None | Some(Value::Null) => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
@@ -494,17 +487,21 @@ async fn completions(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1R
         let reply = collect(stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
         return Ok(Json(completion_json(&id, created, &reply)).into_response());
     }
-    let mut start = Box::pin(start);
-    let first = tokio::time::timeout(FIRST_EVENT_GRACE, &mut start).await;
-    let started = match first {
-        Ok(Err(e)) => return Err(OpenAiError::from_provider(&e)),
-        Ok(Ok(stream)) => Started::Now(stream),
-        Err(_) => Started::Later(start),
-    };
+    let started = start_within_grace(Box::pin(start)).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_chunks(tx, started, id, created, req.include_usage));
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok::<_, std::io::Error>));
     Ok(sse_response(body))
+}
+
+/// Waits a little for the reply to start, so that quick failures get their
+/// own status; a slower start is handed on to be waited for with pings.
+pub(super) async fn start_within_grace(mut start: Starting) -> V1Result<Started> {
+    match tokio::time::timeout(FIRST_EVENT_GRACE, &mut start).await {
+        Ok(Err(e)) => Err(OpenAiError::from_provider(&e)),
+        Ok(Ok(stream)) => Ok(Started::Now(stream)),
+        Err(_) => Ok(Started::Later(start)),
+    }
 }
 
 pub(super) fn sse_response(body: Body) -> Response {
@@ -516,7 +513,7 @@ pub(super) fn sse_response(body: Body) -> Response {
     response
 }
 
-type Starting = std::pin::Pin<Box<dyn Future<Output = Result<RelayStream, ProviderError>> + Send>>;
+pub(super) type Starting = std::pin::Pin<Box<dyn Future<Output = Result<RelayStream, ProviderError>> + Send>>;
 
 /// A stream that started within the grace period, or one still starting.
 pub(super) enum Started {
@@ -672,7 +669,7 @@ pub(super) async fn collect(stream: RelayStream) -> Result<Collected, ProviderEr
     Ok(reply)
 }
 
-fn usage_json(u: &Usage) -> Value {
+pub(super) fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,

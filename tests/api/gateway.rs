@@ -27,6 +27,8 @@ db_tests!(
     tool_calls_survive_every_wire_format,
     bad_requests_get_openai_errors,
     provider_failures_map_to_gateway_statuses,
+    responses_answer_text_and_stream_events,
+    responses_carry_tool_calls_as_function_call_items,
 );
 
 async fn create_key(app: &TestApp, user: &TestUser, body: Value) -> Value {
@@ -468,4 +470,88 @@ async fn provider_failures_map_to_gateway_statuses(app: TestApp) {
     app.provider.hang();
     let r = complete(&app, &key, hello(false)).await;
     r.assert_status(StatusCode::GATEWAY_TIMEOUT);
+}
+
+async fn responses_answer_text_and_stream_events(app: TestApp) {
+    let (_, key) = key_for(&app).await;
+    app.provider.reply_with(REPLY);
+    let body = json!({ "model": DEFAULT_MODEL, "instructions": "Be brief.", "input": "hello" });
+    let r = app.post("/v1/responses").bearer_auth(&key).json(&body).fetch().await;
+    r.assert_status(StatusCode::OK);
+    assert_eq!(r.body["object"], "response");
+    assert_eq!(r.body["status"], "completed");
+    assert_eq!(r.body["output"][0]["type"], "message");
+    assert_eq!(r.body["output"][0]["content"][0]["text"], REPLY);
+    assert_eq!(r.body["usage"]["input_tokens"], crate::mock_llm::MOCK_PROMPT_TOKENS);
+    let sent = app.provider.last_request().body;
+    assert_eq!(sent["messages"][0], json!({ "role": "system", "content": "Be brief." }));
+
+    let mut body = body;
+    body["stream"] = json!(true);
+    let r = app.post("/v1/responses").bearer_auth(&key).json(&body).fetch().await;
+    r.assert_status(StatusCode::OK);
+    let events: Vec<Value> = sse_data(&r.text).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{kinds:?}");
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, REPLY);
+    let seqs: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["response"]["output"][0]["content"][0]["text"], REPLY);
+
+    let r = app
+        .post("/v1/responses")
+        .bearer_auth(&key)
+        .json(&json!({ "model": DEFAULT_MODEL, "input": "x", "previous_response_id": "resp_1" }))
+        .fetch()
+        .await;
+    r.assert_status(StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["error"]["param"], "previous_response_id");
+}
+
+async fn responses_carry_tool_calls_as_function_call_items(app: TestApp) {
+    let (_, key) = key_for(&app).await;
+    app.provider.call_tools(ToolReply::calls(&CALLS));
+    let body = json!({
+        "model": DEFAULT_MODEL,
+        "input": [
+            { "role": "user", "content": "weather?" },
+            { "type": "function_call", "call_id": "call_prev", "name": "get_weather", "arguments": "{\"city\":\"Bern\"}" },
+            { "type": "function_call_output", "call_id": "call_prev", "output": "{\"temp\":3}" },
+        ],
+        "tools": [
+            { "type": "function", "name": "get_weather", "parameters": { "type": "object" } },
+            { "type": "function", "name": "lookup", "parameters": { "type": "object" } },
+        ],
+    });
+    for stream in [false, true] {
+        let mut body = body.clone();
+        body["stream"] = json!(stream);
+        let r = app.post("/v1/responses").bearer_auth(&key).json(&body).fetch().await;
+        r.assert_status(StatusCode::OK);
+        let response = if stream {
+            let events: Vec<Value> = sse_data(&r.text).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+            events.last().unwrap()["response"].clone()
+        } else {
+            r.body.clone()
+        };
+        let calls: Vec<&Value> =
+            response["output"].as_array().unwrap().iter().filter(|i| i["type"] == "function_call").collect();
+        assert_eq!(calls.len(), 2, "stream={stream}: {response}");
+        for (item, (name, args)) in calls.iter().zip(CALLS) {
+            assert_eq!(item["name"], name);
+            assert!(item["call_id"].as_str().is_some_and(|c| !c.is_empty()));
+            let got: Value = serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(got, serde_json::from_str::<Value>(args).unwrap());
+        }
+        let sent = app.provider.last_request().body;
+        assert_eq!(sent["messages"][1]["tool_calls"][0]["id"], "call_prev");
+        assert_eq!(sent["messages"][2]["tool_call_id"], "call_prev");
+    }
 }

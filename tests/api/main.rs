@@ -29,6 +29,7 @@ mod ops;
 mod outage;
 mod refresh_races;
 mod robustness;
+mod sdk;
 mod security;
 mod streaming;
 mod support;

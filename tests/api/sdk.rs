@@ -59,24 +59,13 @@ async fn langchain_chat_openai_works(app: TestApp) {
 async fn run_both_phases(app: &TestApp, script: &str) -> bool {
     let Some(python) = sdk_python().await else { return false };
     let key = api_key(app).await;
-    let skip_responses = !has_responses_route(app, &key).await;
+    // `/v1/responses` is built: its checks always run.
+    let skip_responses = false;
     app.provider.reply_with(SAID);
     run_script(app, &python, &key, script, "text", skip_responses).await;
     app.provider.call_tools(ToolReply::calls(&CALLS));
     run_script(app, &python, &key, script, "tools", skip_responses).await;
     true
-}
-
-/// Whether the optional `POST /v1/responses` is built (a request without a
-/// model is refused, not 404). Without it the scripts leave out its checks,
-/// as with `PALAVER_SDK_SKIP_RESPONSES=1`.
-async fn has_responses_route(app: &TestApp, key: &str) -> bool {
-    let probe = app.post("/v1/responses").bearer_auth(key).json(&json!({})).fetch().await;
-    let built = probe.status != StatusCode::NOT_FOUND;
-    if !built {
-        eprintln!("POST /v1/responses is not built: its SDK checks are left out");
-    }
-    built
 }
 
 /// A fresh user's new API key.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     helpers::{DEFAULT_MODEL, Fetch, TestApp, TestUser, db_tests},
-    mock_llm::{REPLY, ToolReply},
+    mock_llm::{REPLY, Script, ToolReply},
 };
 
 db_tests!(
@@ -28,7 +28,8 @@ db_tests!(
     bad_requests_get_openai_errors,
     provider_failures_map_to_gateway_statuses,
     responses_answer_text_and_stream_events,
-    responses_carry_tool_calls_as_function_call_items,
+    responses_carry_tool_calls_as_function_call_items;
+    sqlite_only: a_slow_start_is_pinged_then_streamed,
 );
 
 async fn create_key(app: &TestApp, user: &TestUser, body: Value) -> Value {
@@ -554,4 +555,48 @@ async fn responses_carry_tool_calls_as_function_call_items(app: TestApp) {
         assert_eq!(sent["messages"][1]["tool_calls"][0]["id"], "call_prev");
         assert_eq!(sent["messages"][2]["tool_call_id"], "call_prev");
     }
+}
+
+/// Two `palaver` processes on one PostgreSQL: a key revoked, or expired, on
+/// one instance is refused by the other at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_revoked_and_expire_on_every_instance() {
+    let Some(mut a) = crate::helpers::spawn_process_app(crate::helpers::Db::Postgres).await else { return };
+    let b = a.sibling().await;
+    let user = a.signup().await;
+    let on = |address: &str, key: &str| {
+        reqwest::Client::new().post(format!("{address}/v1/chat/completions")).bearer_auth(key).json(&hello(false))
+    };
+    let revoked = create_key(&a, &user, json!({ "name": "revoked" })).await;
+    let key = revoked["key"].as_str().unwrap();
+    on(&b.address, key).fetch().await.assert_status(StatusCode::OK);
+    let id = revoked["id"].as_str().unwrap();
+    a.delete(&format!("/api/keys/{id}")).bearer_auth(&user.token).fetch().await.assert_status(StatusCode::NO_CONTENT);
+    on(&b.address, key).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+    on(&a.address, key).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+
+    // The processes run on the real clock: a key that expires in 3 seconds.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let soon = palaver::clock::rfc3339(now_ms + 3_000);
+    let expiring = create_key(&a, &user, json!({ "name": "soon", "expires_at": soon })).await;
+    let key = expiring["key"].as_str().unwrap();
+    on(&a.address, key).fetch().await.assert_status(StatusCode::OK);
+    on(&b.address, key).fetch().await.assert_status(StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    for address in [&a.address, &b.address] {
+        let r = on(address, key).fetch().await;
+        r.assert_status(StatusCode::UNAUTHORIZED);
+        assert_eq!(r.body["error"]["code"], "invalid_api_key");
+    }
+}
+
+/// A provider slow to start: the stream commits to 200 and pings, then answers.
+async fn a_slow_start_is_pinged_then_streamed(mut app: TestApp) {
+    app.restart_with(|s| s.providers.provider_idle_timeout = 20).await;
+    let (_, key) = key_for(&app).await;
+    app.provider.stream(Script { start: Duration::from_millis(3_000), ..Script::pieces() });
+    let r = complete(&app, &key, hello(true)).await;
+    r.assert_status(StatusCode::OK);
+    assert!(r.text.starts_with(": ping\n\n"), "{}", r.text);
+    assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
 }

@@ -71,17 +71,25 @@ pub struct Stored {
 }
 
 impl Chat {
+    /// The model that answers a send: the one asked for, else the
+    /// conversation's, else the default (a model no longer configured falls
+    /// back to the default too).
+    pub fn answering_model(&self, requested: Option<&ModelId>, target: &Target) -> ModelId {
+        let chosen = requested.cloned().or_else(|| match target {
+            Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
+            Target::New => None,
+        });
+        match chosen {
+            Some(m) if self.providers.validate_model(&m.to_string()).is_ok() => m,
+            _ => self.providers.default_model().clone(),
+        }
+    }
+
     /// Stores the user message and the reply's placeholder (on disk before this
     /// returns), starts the reply and returns both messages. A retry with the
     /// same idempotency key returns the original messages and starts nothing.
     pub async fn send(self: &Arc<Self>, req: SendRequest) -> Result<Sent, Error> {
-        let model = match req.model.clone().or_else(|| match &req.target {
-            Target::Existing(c) => c.model.as_deref().and_then(|m| ModelId::parse(m).ok()),
-            Target::New => None,
-        }) {
-            Some(m) if self.providers.validate_model(&m.to_string()).is_ok() => m,
-            _ => self.providers.default_model().clone(),
-        };
+        let model = self.answering_model(req.model.as_ref(), &req.target);
         let stored = self
             .store_send(StoreSend {
                 owner: &req.user_id,

@@ -126,6 +126,17 @@ pub async fn parse_chat_target(state: &AppState, auth: &AuthUser, conversation_i
     }
 }
 
+/// An API key limited to some models may not have others answer it.
+pub fn key_allows(state: &AppState, auth: &AuthUser, model: Option<&ModelId>, target: &Target) -> ApiResult<()> {
+    let Some(key) = &auth.key else { return Ok(()) };
+    let model = state.chat.answering_model(model, target);
+    if key.allows(&model.to_string()) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("model_not_allowed", format!("This API key may not use the model `{model}`.")))
+    }
+}
+
 /// Validates and sends a message body for the conversation routes.
 pub async fn send_to_conversation(
     state: &Arc<AppState>,
@@ -137,11 +148,13 @@ pub async fn send_to_conversation(
 ) -> ApiResult<Sent> {
     let conversation = owned_conversation(state, auth, conversation_id).await?;
     let (content, model) = validate_message(state, "content", content, model)?;
+    let target = Target::Existing(conversation);
+    key_allows(state, auth, model.as_ref(), &target)?;
     state
         .chat
         .send(replies::SendRequest {
             user_id: auth.user.id.clone(),
-            target: Target::Existing(conversation),
+            target,
             content,
             model,
             idempotency_key: idempotency_key(headers, "messages")?,
@@ -154,6 +167,7 @@ pub async fn send_to_conversation(
 pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderMap, body: ChatBody) -> ApiResult<Sent> {
     let (content, model) = validate_message(state, "message", body.message, body.model)?;
     let target = parse_chat_target(state, auth, body.conversation_id.as_deref()).await?;
+    key_allows(state, auth, model.as_ref(), &target)?;
     state
         .chat
         .send(replies::SendRequest {

@@ -31,7 +31,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::AuthUser,
-    send::{parse_chat_target, validate_message},
+    send::{key_allows, parse_chat_target, validate_message},
     socket::{
         Admit, CLOSE_POLICY_VIOLATION, FrameBudget, HEARTBEAT, Outbox, SocketUser, close_for_read_error, close_message,
         drain, rate_limited, spawn_writer,
@@ -213,6 +213,7 @@ async fn handle_message(
     let sent = async {
         let (content, model) = validate_message(&state, "content", content, model)?;
         let target = parse_chat_target(&state, &user, conversation_id.as_deref()).await?;
+        key_allows(&state, &user, model.as_ref(), &target)?;
         let req = SendRequest {
             user_id: user.user.id.clone(),
             target,

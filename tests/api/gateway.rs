@@ -32,6 +32,12 @@ db_tests!(
     sqlite_only: a_slow_start_is_pinged_then_streamed,
 );
 
+impl TestApp {
+    async fn chat_with_key(&self, key: &str, body: Value) -> crate::helpers::ApiResponse {
+        self.post("/api/chat").bearer_auth(key).json(&body).fetch().await
+    }
+}
+
 async fn create_key(app: &TestApp, user: &TestUser, body: Value) -> Value {
     let r = app.post("/api/keys").bearer_auth(&user.token).json(&body).fetch().await;
     r.assert_status(StatusCode::CREATED);
@@ -187,6 +193,10 @@ async fn a_key_limited_to_models_is_refused_others(app: TestApp) {
     .await;
     r.assert_status(StatusCode::FORBIDDEN);
     assert_eq!(r.body["error"]["code"], "model_not_allowed");
+    // The same limit holds on /api.
+    let r = app.chat_with_key(key, json!({ "message": "x", "model": "offline/palaver-offline" })).await;
+    r.assert_error(StatusCode::FORBIDDEN, "model_not_allowed");
+    app.chat_with_key(key, json!({ "message": "x" })).await.assert_status(StatusCode::OK);
     let listed = app.get("/v1/models").bearer_auth(key).fetch().await;
     let ids: Vec<&str> = listed.body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [DEFAULT_MODEL]);

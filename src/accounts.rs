@@ -1,16 +1,20 @@
 //! Accounts below HTTP: creating users (registration and the CLI's
 //! `palaver admin create` alike), with taken emails and usernames answered
-//! as conflicts.
+//! as conflicts; and API keys (`pk_…`): created, listed, revoked, and
+//! checked on every request that presents one.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
-    auth::PasswordHasher,
+    auth::{PasswordHasher, hash_token, random_token},
     clock::Clock,
     domain::user::{DisplayName, Email, Password, Role, Username},
     error::{Error, Result},
     ids::Ids,
-    store::{NewUser, Store, StoreError, UserRecord},
+    store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, UserRecord},
 };
 
 /// What account management needs: storage, time, ids and the password hasher.
@@ -20,7 +24,18 @@ pub struct Accounts {
     pub clock: Arc<dyn Clock>,
     pub ids: Arc<dyn Ids>,
     pub hasher: PasswordHasher,
+    /// When each key was last used, not yet written (see `flush_key_uses`).
+    pub key_uses: Arc<Mutex<HashMap<String, i64>>>,
 }
+
+/// A new key: its record and the secret, which is shown this once.
+pub struct CreatedKey {
+    pub record: ApiKeyRecord,
+    pub key: String,
+}
+
+/// The first characters of a key kept to tell keys apart in lists.
+const SHOWN_PREFIX_CHARS: usize = 10;
 
 impl Accounts {
     /// Stores a new account; a taken email or username is a `Conflict`.
@@ -73,5 +88,83 @@ impl Accounts {
             Error::Conflict { detail, .. } => anyhow::anyhow!(detail),
             other => anyhow::anyhow!(other),
         })
+    }
+
+    /// A new API key for the user; the secret is returned once and only its
+    /// hash is stored.
+    pub async fn create_key(
+        &self,
+        user_id: &str,
+        name: &str,
+        expires_at: Option<i64>,
+        models: Option<&[String]>,
+    ) -> Result<CreatedKey> {
+        let key = random_token("pk_");
+        let prefix: String = key.chars().take(SHOWN_PREFIX_CHARS).collect();
+        let record = self
+            .store
+            .insert_api_key(NewApiKey {
+                id: &self.ids.random(),
+                user_id,
+                name,
+                prefix: &prefix,
+                key_hash: &hash_token(&key),
+                models,
+                expires_at,
+                now: self.clock.now_ms(),
+            })
+            .await?;
+        Ok(CreatedKey { record, key })
+    }
+
+    /// The user's keys, with the last use not yet written taken into account.
+    pub async fn keys(&self, user_id: &str) -> Result<Vec<ApiKeyRecord>> {
+        let mut keys = self.store.list_api_keys(user_id).await?;
+        let uses = self.key_uses.lock().expect("key uses lock poisoned");
+        for k in &mut keys {
+            if let Some(&at) = uses.get(&k.id) {
+                k.last_used_at = Some(k.last_used_at.map_or(at, |stored| stored.max(at)));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Revokes one of the user's keys (404 when it is not theirs).
+    pub async fn revoke_key(&self, user_id: &str, id: &str) -> Result<()> {
+        if self.store.delete_api_key(user_id, id).await? { Ok(()) } else { Err(Error::NotFound) }
+    }
+
+    /// The key and its owner, when the key exists, has not expired and its
+    /// owner may log in. Read from the database on every call, so a revoked
+    /// key, a deleted or a disabled owner is refused at once everywhere.
+    pub async fn authenticate_key(&self, key: &str) -> Result<Option<(ApiKeyRecord, UserRecord)>> {
+        if !key.starts_with("pk_") || key.len() > 200 {
+            return Ok(None);
+        }
+        let now = self.clock.now_ms();
+        let Some((record, user)) = self.store.api_key_by_hash(&hash_token(key)).await? else { return Ok(None) };
+        if record.is_expired(now) || user.is_disabled() {
+            return Ok(None);
+        }
+        self.key_uses.lock().expect("key uses lock poisoned").insert(record.id.clone(), now);
+        Ok(Some((record, user)))
+    }
+
+    /// Writes the last-use times gathered since the previous flush; on
+    /// failure they are kept for the next one.
+    pub async fn flush_key_uses(&self) {
+        let batch: Vec<(String, i64)> =
+            std::mem::take(&mut *self.key_uses.lock().expect("key uses lock poisoned")).into_iter().collect();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.touch_api_keys(&batch).await {
+            tracing::warn!(error = e.to_string().as_str(), "could not store when API keys were last used");
+            let mut uses = self.key_uses.lock().expect("key uses lock poisoned");
+            for (id, at) in batch {
+                let entry = uses.entry(id).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        }
     }
 }

@@ -76,6 +76,7 @@ impl Application {
         let grace = Duration::from_secs(self.state.settings.server.shutdown_grace);
         let router = http::router(self.state.clone());
         spawn_sweeper(self.state.clone(), self.shutdown.clone());
+        spawn_flusher(self.state.clone(), self.shutdown.clone());
         let token = self.shutdown.clone();
         let signal = async move {
             tokio::select! {
@@ -91,7 +92,8 @@ impl Application {
                 "replies still generating at exit; the next start marks them failed"
             );
         }
-        if !self.state.chat.replies.usage.flush(&self.state.store).await {
+        self.state.accounts.flush_key_uses().await;
+        if !self.state.chat.flush_gateway_usage().await {
             tracing::warn!(
                 tokens = self.state.chat.replies.usage.pending_tokens(),
                 "usage totals could not be written before exit"
@@ -152,6 +154,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         clock: clock.clone(),
         ids: ids.clone(),
         hasher: hasher.clone(),
+        key_uses: Default::default(),
     };
     let chat = Arc::new(crate::chat::Chat {
         store: store.clone(),
@@ -160,6 +163,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         ids: ids.clone(),
         replies: Default::default(),
         settings: settings.chat.clone(),
+        gateway_usage: Default::default(),
     });
     let desk = Arc::new(crate::desk::Desk::new(
         chat.clone(),
@@ -229,6 +233,24 @@ fn spawn_sweeper(state: Arc<AppState>, stop: CancellationToken) {
             if let Err(e) = state.store.purge_idempotency_keys(now).await {
                 tracing::warn!(error = e.to_string().as_str(), "purging idempotency keys failed");
             }
+        }
+    });
+}
+
+/// How often batched writes (gateway usage, keys' last use) are flushed.
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// Writes what the gateway's hot path only counted in memory.
+fn spawn_flusher(state: Arc<AppState>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            state.accounts.flush_key_uses().await;
+            state.chat.flush_gateway_usage().await;
         }
     });
 }

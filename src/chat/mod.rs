@@ -10,6 +10,7 @@
 //!   read — the live text here, or the database for replies running on
 //!   another instance or already finished — addressed by byte offset, so a
 //!   resume sends exactly what was missed; and cancelling.
+//! - `relay`: the gateway's stateless replies (`/v1`), usage batched.
 //! - `usage`: token totals kept through database outages.
 
 //!
@@ -18,6 +19,7 @@
 mod follow;
 mod generate;
 mod live;
+mod relay;
 mod send;
 pub mod usage;
 
@@ -25,6 +27,7 @@ use std::sync::Arc;
 
 pub use generate::provider_error_code;
 pub use live::{LiveReply, Replies, ReplyEvent};
+pub use relay::{Caller, GatewayUsage, RelayStream};
 pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send_hash};
 
 use crate::{clock::Clock, config::ChatSettings, ids::Ids, providers::Providers, store::Store};
@@ -38,4 +41,6 @@ pub struct Chat {
     pub ids: Arc<dyn Ids>,
     pub replies: Replies,
     pub settings: ChatSettings,
+    /// `/v1` usage not yet written.
+    pub gateway_usage: GatewayUsage,
 }

@@ -58,6 +58,12 @@ impl UsageLedger {
     }
 
     /// Totals waiting to be written, in tokens.
+    /// Counts usage to be written by the next `flush`: for callers that must
+    /// not wait for the database (the gateway's hot path).
+    pub fn defer(&self, user_id: &str, now_ms: i64, prompt: i64, completion: i64) {
+        self.keep(user_id, now_ms, prompt, completion);
+    }
+
     pub fn pending_tokens(&self) -> i64 {
         self.inner.pending.lock().expect("usage lock poisoned").values().map(|p| p.prompt + p.completion).sum()
     }

@@ -69,7 +69,10 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
 #[derive(Debug, Clone)]
 pub struct AuthUser {
     pub user: UserRecord,
+    /// The login session; empty when an API key authenticated the request.
     pub session_id: String,
+    /// The API key that authenticated the request, if one did.
+    pub key: Option<Box<crate::store::ApiKeyRecord>>,
     /// Authenticated by the session cookie (so cross-site requests could carry it).
     pub via_cookie: bool,
 }
@@ -96,6 +99,9 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         if let Some(token) = bearer(&parts.headers) {
+            if token.starts_with("pk_") {
+                return authenticate_key(state, token).await;
+            }
             return authenticate_token(state, token).await;
         }
         let jar = CookieJar::from_headers(&parts.headers);
@@ -124,7 +130,14 @@ async fn accept(state: &AppState, auth: SessionAuth, via_cookie: bool) -> Result
         return Err(ApiError::Unauthorized);
     }
     state.store.touch_session(&auth.session, now).await?;
-    Ok(AuthUser { session_id: auth.session.id, user: auth.user, via_cookie })
+    Ok(AuthUser { session_id: auth.session.id, user: auth.user, key: None, via_cookie })
+}
+
+/// Authenticates an API key (`pk_…`): it exists, has not expired, and its
+/// owner is not disabled.
+pub async fn authenticate_key(state: &AppState, key: &str) -> Result<AuthUser, ApiError> {
+    let (key, user) = state.accounts.authenticate_key(key).await?.ok_or(ApiError::Unauthorized)?;
+    Ok(AuthUser { session_id: String::new(), user, key: Some(Box::new(key)), via_cookie: false })
 }
 
 /// A cookie rides along on cross-site requests, so a state-changing request

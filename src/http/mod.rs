@@ -9,7 +9,9 @@ pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod framing;
+pub mod keys;
 pub mod middleware;
+pub mod openai;
 pub mod ops;
 pub mod send;
 pub mod serve;
@@ -45,6 +47,7 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
     tags(
         (name = "auth", description = "Accounts and login sessions"),
         (name = "users", description = "The current user"),
+        (name = "keys", description = "API keys for /v1 and /api"),
         (name = "admin", description = "User management"),
         (name = "conversations", description = "Conversations and messages"),
         (name = "chat", description = "One-call chat and history"),
@@ -64,6 +67,8 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(auth::list_sessions))
         .routes(routes!(auth::revoke_session))
         .routes(routes!(users::me, users::update_me, users::delete_me))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
         .routes(routes!(admin::list_users))
         .routes(routes!(admin::update_user))
         .routes(routes!(conversations::create, conversations::list))
@@ -114,6 +119,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let (api, openapi) = api_parts(&limits);
     let cors = middleware::cors(&state.settings.server.cors_origins());
     api.merge(docs::routes(openapi))
+        .merge(openai::routes())
         .fallback(|| async { error::ApiError::NotFound })
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(middleware::access_log))

@@ -4,6 +4,7 @@
 //! The few SQL strings built with `format!` only splice our own column-list
 //! constants (hence `AssertSqlSafe`); every value is a bound parameter.
 
+mod api_keys;
 mod conversations;
 mod idempotency;
 mod sessions;
@@ -18,6 +19,7 @@ use sqlx::{
     any::{AnyPoolOptions, AnyRow},
 };
 
+pub use api_keys::{ApiKeyRecord, ApiUsageCounts, ApiUsageKey, NewApiKey};
 pub use conversations::{
     ConversationPatch, ConversationRecord, Exchange, ExchangeOutcome, HistoryItem, MessageRecord, MessageUpdate,
     NewMessage,

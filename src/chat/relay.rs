@@ -1,0 +1,122 @@
+//! The gateway's reply: a stateless completion for `/v1` — the caller sends
+//! the whole conversation, nothing of it is stored — through the same
+//! providers, retries, timeouts and fallback models as every chat. What is
+//! kept is the usage, per key, owner, model and day, gathered in memory and
+//! written in batches (`flush_gateway_usage`), never on the request's path.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use futures::Stream;
+
+use super::Chat;
+use crate::{
+    domain::{context::ChatMessage, conversation::ModelId},
+    providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream},
+    store::{ApiUsageCounts, ApiUsageKey, UsagePeriod},
+};
+
+/// Who a gateway call counts against.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: String,
+    /// The API key used; `None` for an access token.
+    pub key_id: Option<String>,
+}
+
+/// Gateway usage not yet written.
+#[derive(Default, Clone)]
+pub struct GatewayUsage {
+    pending: Arc<Mutex<HashMap<ApiUsageKey, ApiUsageCounts>>>,
+}
+
+impl GatewayUsage {
+    fn add(&self, key: ApiUsageKey, prompt: i64, completion: i64) {
+        let mut pending = self.pending.lock().expect("gateway usage lock poisoned");
+        let counts = pending.entry(key).or_default();
+        counts.requests += 1;
+        counts.prompt_tokens += prompt;
+        counts.completion_tokens += completion;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.lock().expect("gateway usage lock poisoned").is_empty()
+    }
+}
+
+impl Chat {
+    /// Starts a gateway reply. The stream is the provider layer's (deltas,
+    /// tool-call deltas, one `Finish`, one `Usage`); its usage is counted
+    /// against the caller when it arrives.
+    pub async fn relay(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &ModelId,
+        messages: Vec<ChatMessage>,
+        options: ChatOptions,
+    ) -> Result<RelayStream, ProviderError> {
+        let inner = self.providers.stream_with(model, messages, options).await?;
+        Ok(RelayStream { inner, chat: self.clone(), caller: caller.clone() })
+    }
+
+    /// Writes the gateway usage gathered since the last flush (owner totals
+    /// included); what fails stays for the next one. True when nothing is left.
+    pub async fn flush_gateway_usage(&self) -> bool {
+        let batch: Vec<(ApiUsageKey, ApiUsageCounts)> =
+            std::mem::take(&mut *self.gateway_usage.pending.lock().expect("gateway usage lock poisoned"))
+                .into_iter()
+                .collect();
+        if !batch.is_empty()
+            && let Err(e) = self.store.add_api_usage(&batch).await
+        {
+            tracing::warn!(error = e.to_string().as_str(), "could not store gateway usage; kept for the next try");
+            for (key, c) in batch {
+                let mut pending = self.gateway_usage.pending.lock().expect("gateway usage lock poisoned");
+                let counts = pending.entry(key).or_default();
+                counts.requests += c.requests;
+                counts.prompt_tokens += c.prompt_tokens;
+                counts.completion_tokens += c.completion_tokens;
+            }
+        }
+        let totals = self.replies.usage.flush(&self.store).await;
+        totals && self.gateway_usage.is_empty()
+    }
+}
+
+/// A gateway reply under way; see `Chat::relay`.
+pub struct RelayStream {
+    inner: ReplyStream,
+    chat: Arc<Chat>,
+    caller: Caller,
+}
+
+impl RelayStream {
+    /// The model answering (a fallback model if the one asked for failed).
+    pub fn model(&self) -> &ModelId {
+        self.inner.model()
+    }
+}
+
+impl Stream for RelayStream {
+    type Item = Result<ChatEvent, ProviderError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(ChatEvent::Usage(u)))) = &next {
+            let now = self.chat.clock.now_ms();
+            let key = ApiUsageKey {
+                key_id: self.caller.key_id.clone().unwrap_or_default(),
+                user_id: self.caller.user_id.clone(),
+                model: self.inner.model().to_string(),
+                day: UsagePeriod::Day.key(now),
+            };
+            self.chat.gateway_usage.add(key, u.prompt_tokens, u.completion_tokens);
+            self.chat.replies.usage.defer(&self.caller.user_id, now, u.prompt_tokens, u.completion_tokens);
+        }
+        next
+    }
+}

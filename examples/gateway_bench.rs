@@ -82,11 +82,11 @@ async fn main() -> anyhow::Result<()> {
     let pid = server.id().expect("server pid");
     let gateway: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Without the gateway (an older server) the direct figures still show the harness works.
-    let targets: Vec<_> = match api_key(&format!("http://{gateway}")).await {
-        Ok(key) => Target::all(mock.addr, gateway, &key, &model),
+    let (targets, probes) = match api_key(&format!("http://{gateway}")).await {
+        Ok(key) => (Target::all(mock.addr, gateway, &key, &model), Target::probes(gateway, &key)),
         Err(e) => {
             eprintln!("no gateway ({e}): measuring the provider directly only");
-            Target::all(mock.addr, gateway, "", &model).into_iter().filter(|t| !t.gateway).collect()
+            (Target::all(mock.addr, gateway, "", &model).into_iter().filter(|t| !t.gateway).collect(), Vec::new())
         }
     };
     println!(
@@ -94,7 +94,9 @@ async fn main() -> anyhow::Result<()> {
         WARMUP.as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("added latency = gateway percentile - direct percentile of the same request (non-stream or stream) at the same connections and load\n");
+    println!(
+        "added latency = gateway percentile - direct percentile of the same request (non-stream or stream) at the same connections and load\n"
+    );
 
     // Closed loop at each level, then paced at the offered rate at the highest.
     let mut loads: Vec<Load> = levels.iter().map(|&conns| Load { conns, rate: None }).collect();
@@ -107,8 +109,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for load in &loads {
-        for target in &targets {
-            let perf = match (&perf_out, target.gateway && !target.stream && load.rate.is_none() && load.conns > 1) {
+        let closed = load.rate.is_none();
+        for target in targets.iter().chain(probes.iter().filter(|_| closed)) {
+            let perf = match (
+                &perf_out,
+                target.gateway && target.probe.is_none() && !target.stream && closed && load.conns > 1,
+            ) {
                 (Some(out), true) => Some(start_perf(pid, out, WARMUP + measure)?),
                 _ => None,
             };
@@ -119,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
                 perf.wait().await?;
             }
             print_row(load, target, &r);
-            if target.gateway && hits < r.sent {
+            if target.gateway && target.probe.is_none() && hits < r.sent {
                 eprintln!("  warning: {} gateway requests but {hits} provider calls", r.sent);
             }
             if let Some(e) = &r.first_error {
@@ -160,6 +166,8 @@ impl Load {
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// `None` is `POST /v1/chat/completions`; a probe is a GET of this path.
+    probe: Option<&'static str>,
     gateway: bool,
     stream: bool,
     authorization: Option<String>,
@@ -169,7 +177,8 @@ struct Target {
 impl Target {
     fn all(mock: SocketAddr, gateway: SocketAddr, key: &str, model: &str) -> Vec<Arc<Target>> {
         let body = |stream: bool| {
-            let mut b = json!({ "model": model, "messages": [{ "role": "user", "content": "Say hello." }], "stream": stream });
+            let mut b =
+                json!({ "model": model, "messages": [{ "role": "user", "content": "Say hello." }], "stream": stream });
             if stream {
                 b["stream_options"] = json!({ "include_usage": true });
             }
@@ -177,18 +186,72 @@ impl Target {
         };
         let auth = Some(format!("Bearer {key}"));
         [
-            Target { name: "direct", addr: mock, gateway: false, stream: false, authorization: None, body: body(false) },
-            Target { name: "direct stream", addr: mock, gateway: false, stream: true, authorization: None, body: body(true) },
-            Target { name: "gateway", addr: gateway, gateway: true, stream: false, authorization: auth.clone(), body: body(false) },
-            Target { name: "gateway stream", addr: gateway, gateway: true, stream: true, authorization: auth, body: body(true) },
+            Target {
+                name: "direct",
+                addr: mock,
+                probe: None,
+                gateway: false,
+                stream: false,
+                authorization: None,
+                body: body(false),
+            },
+            Target {
+                name: "direct stream",
+                addr: mock,
+                probe: None,
+                gateway: false,
+                stream: true,
+                authorization: None,
+                body: body(true),
+            },
+            Target {
+                name: "gateway",
+                addr: gateway,
+                probe: None,
+                gateway: true,
+                stream: false,
+                authorization: auth.clone(),
+                body: body(false),
+            },
+            Target {
+                name: "gateway stream",
+                addr: gateway,
+                probe: None,
+                gateway: true,
+                stream: true,
+                authorization: auth,
+                body: body(true),
+            },
         ]
         .into_iter()
         .map(Arc::new)
         .collect()
     }
 
+    /// Where a gateway request's server time goes: the HTTP stack alone
+    /// (`/health`), then with API key auth (`/v1/models`).
+    fn probes(gateway: SocketAddr, key: &str) -> Vec<Arc<Target>> {
+        let probe = |name, path, authorization| Target {
+            name,
+            addr: gateway,
+            probe: Some(path),
+            gateway: true,
+            stream: false,
+            authorization,
+            body: Bytes::new(),
+        };
+        vec![
+            Arc::new(probe("probe GET /health", "/health", None)),
+            Arc::new(probe("probe GET /v1/models (key auth)", "/v1/models", Some(format!("Bearer {key}")))),
+        ]
+    }
+
     fn request(&self) -> Request<Full<Bytes>> {
-        let mut r = Request::post("/v1/chat/completions")
+        let builder = match self.probe {
+            Some(path) => Request::get(path),
+            None => Request::post("/v1/chat/completions"),
+        };
+        let mut r = builder
             .header("host", self.addr.to_string())
             .header("content-type", "application/json")
             .header("accept", if self.stream { "text/event-stream" } else { "application/json" });
@@ -201,7 +264,13 @@ impl Target {
     /// Whether an answer is the whole reply: the text, or the stream's end.
     fn complete(&self, body: &[u8]) -> bool {
         let text = String::from_utf8_lossy(body);
-        if self.stream { text.trim_end().ends_with("data: [DONE]") } else { text.contains(REPLY) }
+        if self.probe.is_some() {
+            true
+        } else if self.stream {
+            text.trim_end().ends_with("data: [DONE]")
+        } else {
+            text.contains(REPLY)
+        }
     }
 }
 
@@ -258,7 +327,9 @@ async fn run_phase(target: &Arc<Target>, load: &Load, measure: Duration, pid: u3
     for _ in 0..load.conns {
         match connect(target.addr).await {
             Ok(s) => senders.push(s),
-            Err(e) => return PhaseResult { errors: 1, first_error: Some(format!("connect: {e}")), ..Default::default() },
+            Err(e) => {
+                return PhaseResult { errors: 1, first_error: Some(format!("connect: {e}")), ..Default::default() };
+            }
         }
     }
     let start = Instant::now();
@@ -438,16 +509,30 @@ fn summary(results: &[(Load, &'static str, PhaseResult)]) {
             if let (Some(d), Some(g)) = (find(max_conns, false, &direct), find(max_conns, false, &gateway)) {
                 let target = if stream { f64::NAN } else { 10_000.0 };
                 if target.is_nan() {
-                    println!("| gateway req/s, {max_conns} conn closed loop, {kind} | {:.0} req/s | - | - | - |", g.rate());
+                    println!(
+                        "| gateway req/s, {max_conns} conn closed loop, {kind} | {:.0} req/s | - | - | - |",
+                        g.rate()
+                    );
                 } else {
-                    row(format!("gateway req/s, {max_conns} conn closed loop, {kind}"), g.rate(), "req/s", target, false);
+                    row(
+                        format!("gateway req/s, {max_conns} conn closed loop, {kind}"),
+                        g.rate(),
+                        "req/s",
+                        target,
+                        false,
+                    );
                 }
                 let t99 = if stream { f64::NAN } else { 2000.0 };
                 added_row(&row, format!("added p99, {max_conns} conn closed loop, {kind}"), g.p(0.99) - d.p(0.99), t99);
             }
             if let (Some(d), Some(g)) = (find(max_conns, true, &direct), find(max_conns, true, &gateway)) {
                 let t99 = if stream { f64::NAN } else { 2000.0 };
-                added_row(&row, format!("added p99, {max_conns} conn paced, {kind} ({:.0} req/s achieved)", g.rate()), g.p(0.99) - d.p(0.99), t99);
+                added_row(
+                    &row,
+                    format!("added p99, {max_conns} conn paced, {kind} ({:.0} req/s achieved)", g.rate()),
+                    g.p(0.99) - d.p(0.99),
+                    t99,
+                );
             }
         }
     }
@@ -589,7 +674,11 @@ async fn api_key(base: &str) -> anyhow::Result<String> {
     let body = json!({ "username": "bench", "email": "bench@example.com", "password": PASSWORD });
     let r = http.post(format!("{base}/api/auth/register")).json(&body).send().await?;
     anyhow::ensure!(r.status().is_success(), "register: {}", r.status());
-    let r = http.post(format!("{base}/api/auth/login")).json(&json!({ "login": "bench", "password": PASSWORD })).send().await?;
+    let r = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({ "login": "bench", "password": PASSWORD }))
+        .send()
+        .await?;
     let tokens: Value = r.json().await?;
     let token = tokens["access_token"].as_str().expect("access token");
     let r = http.post(format!("{base}/api/keys")).bearer_auth(token).json(&json!({ "name": "bench" })).send().await?;

@@ -80,7 +80,7 @@ pub struct CreatedKeyView {
 }
 
 /// Create an API key.
-#[utoipa::path(post, path = "/api/keys", tag = "keys", security(("bearer" = [])), request_body = CreateKeyBody,
+#[utoipa::path(post, path = "/api/keys", tag = "keys", operation_id = "create_key", security(("bearer" = [])), request_body = CreateKeyBody,
     responses((status = 201, body = CreatedKeyView), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -138,7 +138,7 @@ pub async fn create(
 }
 
 /// The caller's keys, newest first, without their secrets.
-#[utoipa::path(get, path = "/api/keys", tag = "keys", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/keys", tag = "keys", operation_id = "list_keys", security(("bearer" = [])),
     responses((status = 200, body = Items<KeyView>), (status = 401, body = ErrorBody)))]
 pub async fn list(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Items<KeyView>>> {
     let keys = state.accounts.keys(&auth.user.id).await?;
@@ -146,7 +146,7 @@ pub async fn list(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResu
 }
 
 /// Revoke a key: it stops working at once, on every instance.
-#[utoipa::path(delete, path = "/api/keys/{id}", tag = "keys", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/keys/{id}", tag = "keys", operation_id = "revoke_key", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path, description = "Key id")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn revoke(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<StatusCode> {

@@ -291,6 +291,8 @@ const DOCUMENTED_PATHS: &[&str] = &[
     "/api/conversations/{id}/messages/{message_id}/cancel",
     "/api/conversations/{id}/messages/{message_id}/stream",
     "/api/history",
+    "/api/keys",
+    "/api/keys/{id}",
     "/api/models",
     "/api/support/sessions",
     "/api/support/sessions/{id}",

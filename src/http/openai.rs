@@ -263,7 +263,7 @@ fn parse_completion(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Resu
             Some(v) => Some(v.as_i64().ok_or_else(|| OpenAiError::invalid("seed", "`seed` must be an integer."))?),
         },
         response_format: parse_response_format(body.get("response_format"))?,
-        tools: parse_tools(body.get("tools"))?,
+        tools: parse_tools(body.get("tools"), true)?,
         tool_choice: parse_tool_choice(body.get("tool_choice"))?,
         parallel_tool_calls: opt_bool(&body, "parallel_tool_calls")?,
         user: match body.get("user") {
@@ -332,7 +332,9 @@ fn parse_response_format(v: Option<&Value>) -> V1Result<Option<ResponseFormat>> 
     }
 }
 
-fn parse_tools(v: Option<&Value>) -> V1Result<Vec<ToolSpec>> {
+/// The tools of a request. Chat completions nest each definition under
+/// `function`; the Responses API (`nested: false`) puts it on the tool.
+pub(super) fn parse_tools(v: Option<&Value>, nested: bool) -> V1Result<Vec<ToolSpec>> {
     let items = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
@@ -343,26 +345,29 @@ fn parse_tools(v: Option<&Value>) -> V1Result<Vec<ToolSpec>> {
         .enumerate()
         .map(|(i, t)| {
             let param = format!("tools[{i}]");
-            if t.get("type").and_then(Value::as_str).unwrap_or("function") != "function" {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or(if nested { "function" } else { "" });
+            if kind != "function" {
                 return Err(OpenAiError::invalid(&param, "Only tools of type `function` are supported."));
             }
-            let f = t.get("function").ok_or_else(|| OpenAiError::invalid(&param, "`function` is required."))?;
-            let name = f.get("name").and_then(Value::as_str).filter(|n| valid_tool_name(n)).ok_or_else(|| {
-                OpenAiError::invalid(
-                    &format!("{param}.function.name"),
-                    "A tool name is 1–64 of a-z, A-Z, 0-9, _ and -.",
-                )
+            let (def, def_param) = if nested {
+                let f = t.get("function").ok_or_else(|| OpenAiError::invalid(&param, "`function` is required."))?;
+                (f, format!("{param}.function"))
+            } else {
+                (t, param)
+            };
+            let name = def.get("name").and_then(Value::as_str).filter(|n| valid_tool_name(n)).ok_or_else(|| {
+                OpenAiError::invalid(&format!("{def_param}.name"), "A tool name is 1–64 of a-z, A-Z, 0-9, _ and -.")
             })?;
             Ok(ToolSpec {
                 name: name.to_owned(),
-                description: f.get("description").and_then(Value::as_str).map(str::to_owned),
-                parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+                description: def.get("description").and_then(Value::as_str).map(str::to_owned),
+                parameters: def.get("parameters").cloned().unwrap_or(Value::Null),
             })
         })
         .collect()
 }
 
-pub(super) fn valid_tool_name(n: &str) -> bool {
+fn valid_tool_name(n: &str) -> bool {
     (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 

@@ -19,12 +19,12 @@ use super::{
     AppState,
     openai::{
         Collected, OpenAiError, Started, V1Caller, V1Result, collect, opt_bool, opt_f64, opt_u32, parse_tool_choice,
-        sse_response, start_within_grace, text_of, valid_tool_name, wait_started,
+        parse_tools, sse_response, start_within_grace, text_of, wait_started,
     },
 };
 use crate::{
     domain::context::{ChatMessage, ChatRole, ToolCall},
-    providers::{ChatEvent, ChatOptions, FinishReason, ResponseFormat, ToolSpec, Usage},
+    providers::{ChatEvent, ChatOptions, FinishReason, ResponseFormat, Usage},
 };
 
 pub async fn responses(State(state): State<Arc<AppState>>, caller: V1Caller, body: Bytes) -> Response {
@@ -74,7 +74,7 @@ fn parse(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Result<Request>
         top_p: opt_f64(&body, "top_p", 0.0, 1.0)?,
         max_tokens: opt_u32(&body, "max_output_tokens")?,
         response_format: text_format(body.get("text"))?,
-        tools: tools(body.get("tools"))?,
+        tools: parse_tools(body.get("tools"), false)?,
         tool_choice: match body.get("tool_choice") {
             Some(v @ Value::Object(o)) if o.get("name").is_some() => {
                 parse_tool_choice(Some(&json!({ "function": { "name": v["name"] } })))?
@@ -148,32 +148,6 @@ fn input_items(items: &[Value], out: &mut Vec<ChatMessage>) -> V1Result<()> {
         }
     }
     Ok(())
-}
-
-fn tools(v: Option<&Value>) -> V1Result<Vec<ToolSpec>> {
-    let items = match v {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(items)) => items,
-        Some(_) => return Err(OpenAiError::invalid("tools", "`tools` must be an array.")),
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let param = format!("tools[{i}]");
-            if t.get("type").and_then(Value::as_str) != Some("function") {
-                return Err(OpenAiError::invalid(&param, "Only tools of type `function` are supported."));
-            }
-            let name = t.get("name").and_then(Value::as_str).filter(|n| valid_tool_name(n)).ok_or_else(|| {
-                OpenAiError::invalid(&format!("{param}.name"), "A tool name is 1–64 of a-z, A-Z, 0-9, _ and -.")
-            })?;
-            Ok(ToolSpec {
-                name: name.to_owned(),
-                description: t.get("description").and_then(Value::as_str).map(str::to_owned),
-                parameters: t.get("parameters").cloned().unwrap_or(Value::Null),
-            })
-        })
-        .collect()
 }
 
 fn text_format(v: Option<&Value>) -> V1Result<Option<ResponseFormat>> {

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use super::{
     AppState,
+    docs::ModelIdSchema,
     error::{ApiError, ApiResult},
     extract::{ApiJson, AuthUser, UuidPath},
     views::{ErrorBody, Items},
@@ -26,14 +27,16 @@ const MAX_KEY_MODELS: usize = 100;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateKeyBody {
-    /// 1–100 characters.
-    #[schema(min_length = 1, max_length = 100, pattern = r"^[^\u0000]*$")]
+    /// 1–100 characters, not all blank.
+    #[schema(min_length = 1, max_length = 100, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
     pub name: String,
-    /// RFC 3339; the key stops working then. Absent or null: never.
+    /// RFC 3339, in the future; the key stops working then. Absent or null: never.
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<String>,
     /// Model ids (`provider/model`) the key may use. Absent or null: all.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<ModelIdSchema>>, min_items = 1, max_items = 100)]
     pub models: Option<Vec<String>>,
 }
 

@@ -233,9 +233,12 @@ struct CompletionRequest {
     include_usage: bool,
 }
 
-/// Reads the body leniently, as the SDKs and UIs send it: unknown fields are
-/// ignored, every known one is checked and named in the error.
-fn parse_completion(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Result<CompletionRequest> {
+/// A `/v1` body: a JSON object naming a model this caller may use.
+pub(super) fn body_and_model(
+    state: &AppState,
+    caller: &V1Caller,
+    body: &Bytes,
+) -> V1Result<(Map<String, Value>, ModelId)> {
     let body: Value = serde_json::from_slice(body)
         .map_err(|e| OpenAiError::invalid("body", format!("The body is not valid JSON: {e}")))?;
     let Value::Object(body) = body else { return Err(OpenAiError::invalid("body", "The body must be a JSON object.")) };
@@ -243,6 +246,13 @@ fn parse_completion(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Resu
         Some(Value::String(m)) if !m.is_empty() => caller.model(state, m)?,
         _ => return Err(OpenAiError::invalid("model", "`model` is required (a string such as `openai/gpt-4o-mini`).")),
     };
+    Ok((body, model))
+}
+
+/// Reads the body leniently, as the SDKs and UIs send it: unknown fields are
+/// ignored, every known one is checked and named in the error.
+fn parse_completion(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Result<CompletionRequest> {
+    let (body, model) = body_and_model(state, caller, body)?;
     let messages = match body.get("messages") {
         Some(Value::Array(items)) if !items.is_empty() => parse_messages(items)?,
         _ => return Err(OpenAiError::invalid("messages", "`messages` must be a non-empty array.")),

@@ -18,8 +18,8 @@ use serde_json::{Map, Value, json};
 use super::{
     AppState,
     openai::{
-        Collected, OpenAiError, Started, V1Caller, V1Result, collect, opt_bool, opt_f64, opt_u32, parse_tool_choice,
-        parse_tools, sse_response, start_within_grace, text_of, wait_started,
+        Collected, OpenAiError, Started, V1Caller, V1Result, body_and_model, collect, opt_bool, opt_f64, opt_u32,
+        parse_tool_choice, parse_tools, sse_response, start_within_grace, text_of, wait_started,
     },
 };
 use crate::{
@@ -44,13 +44,7 @@ struct Request {
 }
 
 fn parse(state: &AppState, caller: &V1Caller, body: &Bytes) -> V1Result<Request> {
-    let body: Value = serde_json::from_slice(body)
-        .map_err(|e| OpenAiError::invalid("body", format!("The body is not valid JSON: {e}")))?;
-    let Value::Object(body) = body else { return Err(OpenAiError::invalid("body", "The body must be a JSON object.")) };
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => caller.model(state, m)?,
-        _ => return Err(OpenAiError::invalid("model", "`model` is required (a string such as `openai/gpt-4o-mini`).")),
-    };
+    let (body, model) = body_and_model(state, caller, body)?;
     if body.get("previous_response_id").is_some_and(|v| !v.is_null()) {
         return Err(OpenAiError::invalid(
             "previous_response_id",

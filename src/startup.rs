@@ -155,6 +155,12 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         ids: ids.clone(),
         hasher: hasher.clone(),
         key_uses: Default::default(),
+        key_cache: crate::accounts::key_cache::KeyCache::start(
+            &store,
+            redis.as_ref(),
+            &settings.server.redis_prefix,
+            shutdown.clone(),
+        ),
     };
     let chat = Arc::new(crate::chat::Chat {
         store: store.clone(),

@@ -61,10 +61,6 @@ pub async fn update_user(
     if id.one() == auth.user.id && (role.is_some() || body.disabled.is_some()) {
         return Err(ApiError::forbidden("cannot_modify_self", "You cannot change your own role or disable yourself."));
     }
-    let user = state
-        .store
-        .update_user_admin(id.one(), role, body.disabled, state.clock.now_ms())
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let user = state.accounts.update_user_admin(id.one(), role, body.disabled).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(AdminUserView::from(&user)))
 }

@@ -29,7 +29,7 @@ use crate::{
         context::{ChatMessage, ChatRole, ToolCall},
         conversation::ModelId,
     },
-    providers::{ChatEvent, ChatOptions, FinishReason, ProviderError, ResponseFormat, ToolChoice, ToolSpec, Usage},
+    providers::{ChatEvent, ChatOptions, Completion, ProviderError, ResponseFormat, ToolChoice, ToolSpec, Usage},
 };
 
 /// How long a streamed answer waits for the provider before it commits to
@@ -499,7 +499,8 @@ async fn completions(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1R
     let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
     if !req.stream {
         let stream = start.await.map_err(|e| OpenAiError::from_provider(&e))?;
-        let reply = collect(stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
+        let model = stream.model().clone();
+        let reply = Completion::collect(model, stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
         return Ok(Json(completion_json(&id, created, &reply)).into_response());
     }
     let started = start_within_grace(Box::pin(start)).await?;
@@ -638,53 +639,7 @@ async fn stream_chunks(
     let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
 }
 
-/// A whole gateway reply.
-pub(super) struct Collected {
-    pub model: String,
-    pub text: String,
-    pub tool_calls: Vec<ToolCall>,
-    pub finish: FinishReason,
-    pub usage: Usage,
-}
-
-pub(super) async fn collect(stream: RelayStream) -> Result<Collected, ProviderError> {
-    let model = stream.model().to_string();
-    let mut reply = Collected {
-        model,
-        text: String::new(),
-        tool_calls: Vec::new(),
-        finish: FinishReason::Stop,
-        usage: Usage::default(),
-    };
-    tokio::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event? {
-            ChatEvent::Delta(t) => reply.text.push_str(&t),
-            ChatEvent::ToolCallDelta { index, id, name, arguments } => {
-                while reply.tool_calls.len() <= index {
-                    reply.tool_calls.push(ToolCall {
-                        id: String::new(),
-                        name: String::new(),
-                        arguments: String::new(),
-                    });
-                }
-                let call = &mut reply.tool_calls[index];
-                if let Some(id) = id {
-                    call.id = id;
-                }
-                if let Some(name) = name {
-                    call.name = name;
-                }
-                call.arguments.push_str(&arguments);
-            }
-            ChatEvent::Finish(f) => reply.finish = f,
-            ChatEvent::Usage(u) => reply.usage = u,
-        }
-    }
-    Ok(reply)
-}
-
-pub(super) fn usage_json(u: &Usage) -> Value {
+fn usage_json(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
@@ -692,7 +647,7 @@ pub(super) fn usage_json(u: &Usage) -> Value {
     })
 }
 
-fn completion_json(id: &str, created: i64, reply: &Collected) -> Value {
+fn completion_json(id: &str, created: i64, reply: &Completion) -> Value {
     let mut message = Map::new();
     message.insert("role".into(), json!("assistant"));
     let content = if reply.text.is_empty() && !reply.tool_calls.is_empty() { Value::Null } else { json!(reply.text) };
@@ -712,8 +667,8 @@ fn completion_json(id: &str, created: i64, reply: &Collected) -> Value {
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": reply.model,
-        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": reply.finish.as_openai() }],
+        "model": reply.model.to_string(),
+        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": reply.finish_reason.as_openai() }],
         "usage": usage_json(&reply.usage),
         "system_fingerprint": null,
     })

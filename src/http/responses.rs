@@ -18,13 +18,13 @@ use serde_json::{Map, Value, json};
 use super::{
     AppState,
     openai::{
-        Collected, OpenAiError, Started, V1Caller, V1Result, body_and_model, collect, opt_bool, opt_f64, opt_u32,
-        parse_tool_choice, parse_tools, sse_response, start_within_grace, text_of, wait_started,
+        OpenAiError, Started, V1Caller, V1Result, body_and_model, opt_bool, opt_f64, opt_u32, parse_tool_choice,
+        parse_tools, sse_response, start_within_grace, text_of, wait_started,
     },
 };
 use crate::{
     domain::context::{ChatMessage, ChatRole, ToolCall},
-    providers::{ChatEvent, ChatOptions, FinishReason, ResponseFormat, Usage},
+    providers::{ChatEvent, ChatOptions, Completion, FinishReason, ResponseFormat, Usage},
 };
 
 pub async fn responses(State(state): State<Arc<AppState>>, caller: V1Caller, body: Bytes) -> Response {
@@ -169,9 +169,12 @@ async fn respond(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1Resul
     let shell = Shell { id: ids.response.clone(), created, model, echo: req.echo };
     if !req.stream {
         let stream = start.await.map_err(|e| OpenAiError::from_provider(&e))?;
-        let reply = collect(stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
+        let model = stream.model().clone();
+        let reply = Completion::collect(model, stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
         let output = output_items(&ids, &reply.text, &reply.tool_calls);
-        return Ok(Json(shell.object("completed", &reply.model, output, Some(&reply))).into_response());
+        let model = reply.model.to_string();
+        let done = Some((&reply.usage, reply.finish_reason));
+        return Ok(Json(shell.object("completed", &model, output, done)).into_response());
     }
     let started = start_within_grace(Box::pin(start)).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
@@ -206,7 +209,8 @@ struct Shell {
 }
 
 impl Shell {
-    fn object(&self, status: &str, model: &str, output: Vec<Value>, reply: Option<&Collected>) -> Value {
+    /// The response object; `done` is the usage and finish of a finished reply.
+    fn object(&self, status: &str, model: &str, output: Vec<Value>, done: Option<(&Usage, FinishReason)>) -> Value {
         let mut o = Map::new();
         o.insert("id".into(), json!(self.id));
         o.insert("object".into(), json!("response"));
@@ -215,8 +219,9 @@ impl Shell {
         o.insert("model".into(), json!(model));
         o.insert("output".into(), Value::Array(output));
         o.insert("error".into(), Value::Null);
-        let incomplete =
-            reply.filter(|r| r.finish == FinishReason::Length).map(|_| json!({ "reason": "max_output_tokens" }));
+        let incomplete = done
+            .filter(|(_, finish)| *finish == FinishReason::Length)
+            .map(|_| json!({ "reason": "max_output_tokens" }));
         o.insert("incomplete_details".into(), incomplete.unwrap_or(Value::Null));
         o.insert("parallel_tool_calls".into(), json!(true));
         for (k, v) in &self.echo {
@@ -228,7 +233,7 @@ impl Shell {
         if o.get("tool_choice").is_none_or(Value::is_null) {
             o.insert("tool_choice".into(), json!("auto"));
         }
-        o.insert("usage".into(), reply.map_or(Value::Null, |r| usage(&r.usage)));
+        o.insert("usage".into(), done.map_or(Value::Null, |(u, _)| usage(u)));
         Value::Object(o)
     }
 }
@@ -415,8 +420,7 @@ async fn stream_events(tx: tokio::sync::mpsc::Sender<Bytes>, started: Started, s
             return;
         }
     }
-    let reply = Collected { model: model.clone(), text: String::new(), tool_calls: Vec::new(), finish, usage: used };
     let status = if finish == FinishReason::Length { "incomplete" } else { "completed" };
     let kind = if status == "completed" { "response.completed" } else { "response.incomplete" };
-    let _ = ev.send(kind, json!({ "response": shell.object(status, &model, output, Some(&reply)) })).await;
+    let _ = ev.send(kind, json!({ "response": shell.object(status, &model, output, Some((&used, finish))) })).await;
 }

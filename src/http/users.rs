@@ -53,18 +53,16 @@ pub async fn update_me(
     }
     v.finish().map_err(ApiError::invalid)?;
 
-    let now = state.clock.now_ms();
     if let Some(new_password) = password {
         let current = body.current_password.unwrap_or_default();
         if !state.hasher.verify(&current, Some(&auth.user.password_hash)).await? {
             return Err(wrong_password());
         }
         let hash = state.hasher.hash(&new_password).await?;
-        state.store.set_password_hash(&auth.user.id, &hash, now).await?;
-        state.store.revoke_other_sessions(&auth.user.id, &auth.session_id, now).await?;
+        state.accounts.set_password_hash(&auth.user.id, &hash, &auth.session_id).await?;
     }
     if let Some(Some(name)) = display_name {
-        state.store.set_display_name(&auth.user.id, name.map(DisplayName::into_inner).as_deref(), now).await?;
+        state.accounts.set_display_name(&auth.user.id, name.map(DisplayName::into_inner).as_deref()).await?;
     }
     let user = state.store.user_by_id(&auth.user.id).await?.ok_or(ApiError::Unauthorized)?;
     Ok(Json(UserView::from(&user)))
@@ -92,6 +90,6 @@ pub async fn delete_me(
     {
         return Err(wrong_password());
     }
-    state.store.delete_user(&auth.user.id).await?;
+    state.accounts.delete_user(&auth.user.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{
     ChatEvent, ChatOptions, ChatProvider, ChatRequest, ChatStream, FinishReason, ProviderError, ResponseFormat,
     ToolChoice, Turn, Usage,
-    http::Endpoint,
+    http::{Endpoint, Target},
     sse::{self, Decoder, SseEvent},
     system_and_turns,
     tools::{ToolCallStream, arguments_object},
@@ -25,6 +25,7 @@ pub struct AnthropicProvider {
     models: Vec<String>,
     max_tokens: u32,
     endpoint: Endpoint,
+    messages: Target,
 }
 
 impl AnthropicProvider {
@@ -37,7 +38,9 @@ impl AnthropicProvider {
         http: reqwest::Client,
     ) -> Self {
         let base_url = base_url.trim_end_matches('/').trim_end_matches("/v1");
-        Self { models, max_tokens, endpoint: Endpoint::new("anthropic", base_url, keys, http) }
+        let endpoint = Endpoint::new("anthropic", base_url, keys, http);
+        let messages = Target::new(&endpoint, "/v1/messages");
+        Self { models, max_tokens, endpoint, messages }
     }
 }
 
@@ -165,12 +168,11 @@ impl ChatProvider for AnthropicProvider {
     }
 
     async fn stream_chat(&self, request: ChatRequest) -> Result<ChatStream, ProviderError> {
-        let url = format!("{}/v1/messages", self.endpoint.base_url);
         let body = request_body(&request, self.max_tokens);
         let response = self
             .endpoint
             .send(|http, key| {
-                let req = http.post(&url).header("anthropic-version", API_VERSION).json(&body);
+                let req = self.messages.post(http).header("anthropic-version", API_VERSION).json(&body);
                 match key {
                     Some(k) => req.header("x-api-key", k),
                     None => req,
@@ -397,15 +399,6 @@ mod tests {
         );
     }
 
-    fn call(index: usize, id: Option<&str>, name: Option<&str>, arguments: &str) -> ChatEvent {
-        ChatEvent::ToolCallDelta {
-            index,
-            id: id.map(Into::into),
-            name: name.map(Into::into),
-            arguments: arguments.into(),
-        }
-    }
-
     #[test]
     fn text_and_tool_blocks_interleave_and_block_indices_become_tool_indices() {
         let out = feed(&[
@@ -428,12 +421,12 @@ mod tests {
             out,
             [
                 ChatEvent::Delta("Let me".into()),
-                call(0, Some("toolu_a"), Some("f"), ""),
-                call(0, None, None, r#"{"q":"\""#),
+                ChatEvent::tool_delta(0, Some("toolu_a"), Some("f"), ""),
+                ChatEvent::tool_delta(0, None, None, r#"{"q":"\""#),
                 ChatEvent::Delta(" see".into()),
-                call(0, None, None, "\"}"),
-                call(1, Some("toolu_b"), Some("g"), ""),
-                call(1, None, None, "{}"),
+                ChatEvent::tool_delta(0, None, None, "\"}"),
+                ChatEvent::tool_delta(1, Some("toolu_b"), Some("g"), ""),
+                ChatEvent::tool_delta(1, None, None, "{}"),
                 ChatEvent::Finish(FinishReason::ToolCalls),
                 ChatEvent::Usage(Usage { prompt_tokens: 3, completion_tokens: 9, estimated: false }),
             ]

@@ -138,6 +138,19 @@ pub enum ChatEvent {
     Usage(Usage),
 }
 
+#[cfg(test)]
+impl ChatEvent {
+    /// A tool-call piece, as the decoders' tests expect them.
+    pub(crate) fn tool_delta(index: usize, id: Option<&str>, name: Option<&str>, arguments: &str) -> Self {
+        ChatEvent::ToolCallDelta {
+            index,
+            id: id.map(Into::into),
+            name: name.map(Into::into),
+            arguments: arguments.into(),
+        }
+    }
+}
+
 pub type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, ProviderError>> + Send>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -210,6 +223,37 @@ pub struct ModelInfo {
     pub id: String,
     pub provider: String,
     pub default: bool,
+}
+
+impl Completion {
+    /// Gathers a reply stream (deltas, tool-call pieces by index, the finish
+    /// reason, usage) into the whole reply `model` gave.
+    pub async fn collect(
+        model: ModelId,
+        stream: impl Stream<Item = Result<ChatEvent, ProviderError>>,
+    ) -> Result<Completion, ProviderError> {
+        tokio::pin!(stream);
+        let mut text = String::new();
+        let mut tool_calls: Vec<ToolCall> = Vec::new();
+        let mut finish_reason = FinishReason::Stop;
+        let mut usage = Usage::default();
+        while let Some(event) = stream.next().await {
+            match event? {
+                ChatEvent::Delta(d) => text.push_str(&d),
+                ChatEvent::ToolCallDelta { index, id, name, arguments } => match tool_calls.get_mut(index) {
+                    Some(call) => call.arguments.push_str(&arguments),
+                    None => tool_calls.push(ToolCall {
+                        id: id.unwrap_or_default(),
+                        name: name.unwrap_or_default(),
+                        arguments,
+                    }),
+                },
+                ChatEvent::Finish(reason) => finish_reason = reason,
+                ChatEvent::Usage(u) => usage = u,
+            }
+        }
+        Ok(Completion { text, tool_calls, finish_reason, usage, model })
+    }
 }
 
 /// The configured providers, the default and fallback models, and the call
@@ -504,27 +548,9 @@ impl Providers {
         messages: Vec<ChatMessage>,
         options: ChatOptions,
     ) -> Result<Completion, ProviderError> {
-        let mut stream = self.stream_with(model, messages, options).await?;
-        let mut text = String::new();
-        let mut tool_calls: Vec<ToolCall> = Vec::new();
-        let mut finish_reason = FinishReason::Stop;
-        let mut usage = Usage::default();
-        while let Some(event) = stream.next().await {
-            match event? {
-                ChatEvent::Delta(d) => text.push_str(&d),
-                ChatEvent::ToolCallDelta { index, id, name, arguments } => match tool_calls.get_mut(index) {
-                    Some(call) => call.arguments.push_str(&arguments),
-                    None => tool_calls.push(ToolCall {
-                        id: id.unwrap_or_default(),
-                        name: name.unwrap_or_default(),
-                        arguments,
-                    }),
-                },
-                ChatEvent::Finish(reason) => finish_reason = reason,
-                ChatEvent::Usage(u) => usage = u,
-            }
-        }
-        Ok(Completion { text, tool_calls, finish_reason, usage, model: stream.model })
+        let stream = self.stream_with(model, messages, options).await?;
+        let model = stream.model().clone();
+        Completion::collect(model, stream).await
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     ChatEvent, ChatProvider, ChatRequest, ChatStream, FinishReason, ProviderError, ResponseFormat, ToolChoice, Usage,
-    http::Endpoint,
+    http::{Endpoint, Target},
     sse::{self, Decoder, SseEvent},
     tools::ToolCallStream,
 };
@@ -19,12 +19,15 @@ pub struct OpenAiProvider {
     name: String,
     models: Vec<String>,
     endpoint: Endpoint,
+    chat: Target,
 }
 
 impl OpenAiProvider {
     /// `keys` may hold several comma-separated keys; none for Ollama or vLLM.
     pub fn new(name: &str, base_url: &str, keys: Option<&str>, models: Vec<String>, http: reqwest::Client) -> Self {
-        Self { name: name.to_owned(), models, endpoint: Endpoint::new(name, base_url, keys, http) }
+        let endpoint = Endpoint::new(name, base_url, keys, http);
+        let chat = Target::new(&endpoint, "/chat/completions");
+        Self { name: name.to_owned(), models, endpoint, chat }
     }
 }
 
@@ -39,12 +42,11 @@ impl ChatProvider for OpenAiProvider {
     }
 
     async fn stream_chat(&self, request: ChatRequest) -> Result<ChatStream, ProviderError> {
-        let url = format!("{}/chat/completions", self.endpoint.base_url);
         let body = request_body(&self.name, &request);
         let response = self
             .endpoint
             .send(|http, key| {
-                let req = http.post(&url).json(&body);
+                let req = self.chat.post(http).json(&body);
                 match key {
                     Some(k) => req.bearer_auth(k),
                     None => req,
@@ -342,15 +344,6 @@ mod tests {
         assert!(matches!(err, ProviderError::Upstream { status: 503, .. }), "{err:?}");
     }
 
-    fn call(index: usize, id: Option<&str>, name: Option<&str>, arguments: &str) -> ChatEvent {
-        ChatEvent::ToolCallDelta {
-            index,
-            id: id.map(Into::into),
-            name: name.map(Into::into),
-            arguments: arguments.into(),
-        }
-    }
-
     #[test]
     fn tool_call_arguments_split_across_chunks_and_calls_interleave() {
         let out = run(&[
@@ -365,10 +358,10 @@ mod tests {
         assert_eq!(
             out,
             [
-                call(0, Some("call_1"), Some("f"), ""),
-                call(0, None, None, r#"{"q":"a\"#),
-                call(1, Some("call_2"), Some("g"), "{}"),
-                call(0, None, None, r#""ü"}"#),
+                ChatEvent::tool_delta(0, Some("call_1"), Some("f"), ""),
+                ChatEvent::tool_delta(0, None, None, r#"{"q":"a\"#),
+                ChatEvent::tool_delta(1, Some("call_2"), Some("g"), "{}"),
+                ChatEvent::tool_delta(0, None, None, r#""ü"}"#),
                 ChatEvent::Finish(FinishReason::ToolCalls),
             ]
         );
@@ -385,9 +378,9 @@ mod tests {
         assert_eq!(
             out,
             [
-                call(0, Some("a"), Some("f"), ""),
-                call(1, Some("b"), Some("g"), r#"{"x":1}"#),
-                call(0, None, None, "{}"),
+                ChatEvent::tool_delta(0, Some("a"), Some("f"), ""),
+                ChatEvent::tool_delta(1, Some("b"), Some("g"), r#"{"x":1}"#),
+                ChatEvent::tool_delta(0, None, None, "{}"),
                 ChatEvent::Finish(FinishReason::ToolCalls),
             ]
         );

@@ -155,15 +155,6 @@ impl ToolCallStream {
 mod tests {
     use super::*;
 
-    fn delta(index: usize, id: Option<&str>, name: Option<&str>, arguments: &str) -> ChatEvent {
-        ChatEvent::ToolCallDelta {
-            index,
-            id: id.map(Into::into),
-            name: name.map(Into::into),
-            arguments: arguments.into(),
-        }
-    }
-
     #[test]
     fn first_pieces_carry_id_and_name_once_and_empty_arguments_become_an_object() {
         let mut calls = ToolCallStream::default();
@@ -177,11 +168,11 @@ mod tests {
         assert_eq!(
             out,
             [
-                delta(0, Some("a"), Some("f"), ""),
-                delta(0, None, None, "{\"x\""),
-                delta(1, Some("b"), Some("g"), ""),
-                delta(0, None, None, ":1}"),
-                delta(1, None, None, "{}"),
+                ChatEvent::tool_delta(0, Some("a"), Some("f"), ""),
+                ChatEvent::tool_delta(0, None, None, "{\"x\""),
+                ChatEvent::tool_delta(1, Some("b"), Some("g"), ""),
+                ChatEvent::tool_delta(0, None, None, ":1}"),
+                ChatEvent::tool_delta(1, None, None, "{}"),
             ]
         );
     }

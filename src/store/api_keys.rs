@@ -1,7 +1,8 @@
 //! API keys and the gateway's usage totals. A key is found by the SHA-256
 //! of its secret, with its owner, in one query: revoking deletes the row and
-//! deleting a user cascades, so either stops the key on every instance at
-//! the next request.
+//! deleting a user cascades. Every change to a key or a user bumps the
+//! store's accounts epoch, which is what keeps cached keys honest
+//! (`accounts::key_cache`).
 
 use sqlx::{AssertSqlSafe, any::AnyRow};
 
@@ -125,6 +126,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
+        self.accounts_changed();
         Ok(done.rows_affected() > 0)
     }
 

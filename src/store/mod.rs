@@ -12,7 +12,15 @@ mod support;
 mod usage;
 mod users;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::Path,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sqlx::{
     AnyPool, Executor,
@@ -93,6 +101,9 @@ impl Engine {
 pub struct Store {
     pool: AnyPool,
     engine: Engine,
+    /// Counts the changes to users and API keys, bumped after each is
+    /// written (see `accounts_epoch`).
+    accounts_epoch: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -137,11 +148,25 @@ impl Store {
             })
             .connect(&url)
             .await?;
-        Ok(Self { pool, engine })
+        Ok(Self { pool, engine, accounts_epoch: Default::default() })
     }
 
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// Changes as often as a user or an API key is changed through this
+    /// store, or `accounts_changed` is called: what was read of them at an
+    /// older epoch may be stale. Bumped after the write, so a read that
+    /// began at the new epoch sees it.
+    pub fn accounts_epoch(&self) -> u64 {
+        self.accounts_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Marks what was read of users and keys as possibly stale: done by
+    /// every write to them here, and when another instance announces one.
+    pub fn accounts_changed(&self) {
+        self.accounts_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Applies the migrations of this engine that are not applied yet.

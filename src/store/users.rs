@@ -96,6 +96,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
+        self.accounts_changed();
         Ok(())
     }
 
@@ -107,6 +108,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
+        self.accounts_changed();
         Ok(())
     }
 
@@ -133,6 +135,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
+        self.accounts_changed();
         self.user_by_id(id).await
     }
 
@@ -157,6 +160,7 @@ impl Store {
     pub async fn delete_user(&self, id: &str) -> StoreResult<bool> {
         let done =
             sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&self.pool).await.map_err(map_err)?;
+        self.accounts_changed();
         Ok(done.rows_affected() > 0)
     }
 }

@@ -326,6 +326,89 @@ async fn a_reply_resumes_and_is_cancelled_through_another_instance() {
     .await;
 }
 
+/// Keys are remembered between requests (no database read per request),
+/// yet a key revoked, or its owner disabled, on one instance is refused by
+/// the other at once: writes are announced through Redis before they are
+/// answered. With Redis gone the other instance reads keys from the
+/// database again, so a revocation it was not told of still holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn remembered_keys_are_forgotten_on_every_instance() {
+    with_cluster(|a, b, redis| async move {
+        let (a, b, mut redis) = (a, b, redis);
+        let on = |address: &str, key: &str| {
+            reqwest::Client::new()
+                .post(format!("{address}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&crate::gateway::hello(false))
+        };
+        let user = a.signup().await;
+        let admin = a.signup_admin().await;
+        let key = |name: &'static str| {
+            let (a, user) = (&a, &user);
+            async move { crate::gateway::create_key(a, user, json!({ "name": name })).await }
+        };
+
+        let revoked = key("revoked").await;
+        let secret = revoked["key"].as_str().unwrap();
+        for _ in 0..3 {
+            on(&b.address, secret).fetch().await.assert_status(StatusCode::OK);
+        }
+        let id = revoked["id"].as_str().unwrap();
+        a.delete(&format!("/api/keys/{id}"))
+            .bearer_auth(&user.token)
+            .fetch()
+            .await
+            .assert_status(StatusCode::NO_CONTENT);
+        on(&b.address, secret).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+
+        // The owner disabled on a: refused on b at once; enabled again: served.
+        let kept = key("kept").await;
+        let secret = kept["key"].as_str().unwrap().to_owned();
+        for _ in 0..3 {
+            on(&b.address, &secret).fetch().await.assert_status(StatusCode::OK);
+        }
+        let disable = |disabled: bool| {
+            a.patch(&format!("/api/admin/users/{}", user.id))
+                .bearer_auth(&admin.token)
+                .json(&json!({ "disabled": disabled }))
+                .fetch()
+        };
+        disable(true).await.assert_status(StatusCode::OK);
+        on(&b.address, &secret).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+        disable(false).await.assert_status(StatusCode::OK);
+        on(&b.address, &secret).fetch().await.assert_status(StatusCode::OK);
+
+        // Without Redis nothing is announced, and nothing is remembered.
+        redis.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        on(&b.address, &secret).fetch().await.assert_status(StatusCode::OK);
+        let id = kept["id"].as_str().unwrap();
+        a.delete(&format!("/api/keys/{id}"))
+            .bearer_auth(&user.token)
+            .fetch()
+            .await
+            .assert_status(StatusCode::NO_CONTENT);
+        on(&b.address, &secret).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+
+        // Back with Redis: keys are remembered and forgotten as before.
+        redis.restart().await;
+        let after = key("after").await;
+        let secret = after["key"].as_str().unwrap();
+        for _ in 0..20 {
+            on(&b.address, secret).fetch().await.assert_status(StatusCode::OK);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let id = after["id"].as_str().unwrap();
+        a.delete(&format!("/api/keys/{id}"))
+            .bearer_auth(&user.token)
+            .fetch()
+            .await
+            .assert_status(StatusCode::NO_CONTENT);
+        on(&b.address, secret).fetch().await.assert_status(StatusCode::UNAUTHORIZED);
+    })
+    .await;
+}
+
 /// No message frame was delivered twice to one socket.
 fn assert_no_repeats(log: &[Value]) {
     let mut ids: Vec<&str> =

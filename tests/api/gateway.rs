@@ -38,7 +38,7 @@ impl TestApp {
     }
 }
 
-async fn create_key(app: &TestApp, user: &TestUser, body: Value) -> Value {
+pub(crate) async fn create_key(app: &TestApp, user: &TestUser, body: Value) -> Value {
     let r = app.post("/api/keys").bearer_auth(&user.token).json(&body).fetch().await;
     r.assert_status(StatusCode::CREATED);
     r.body.clone()
@@ -54,7 +54,7 @@ async fn complete(app: &TestApp, key: &str, body: Value) -> crate::helpers::ApiR
     app.post("/v1/chat/completions").bearer_auth(key).json(&body).fetch().await
 }
 
-fn hello(stream: bool) -> Value {
+pub(crate) fn hello(stream: bool) -> Value {
     json!({ "model": DEFAULT_MODEL, "messages": [{ "role": "user", "content": "hello" }], "stream": stream })
 }
 

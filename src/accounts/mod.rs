@@ -1,7 +1,11 @@
 //! Accounts below HTTP: creating users (registration and the CLI's
 //! `palaver admin create` alike), with taken emails and usernames answered
 //! as conflicts; and API keys (`pk_…`): created, listed, revoked, and
-//! checked on every request that presents one.
+//! checked on every request that presents one (from memory when nothing
+//! can have changed them unseen: `key_cache`). Changes to users and keys
+//! are announced to the other instances before they are answered.
+
+pub mod key_cache;
 
 use std::{
     collections::HashMap,
@@ -16,6 +20,7 @@ use crate::{
     ids::Ids,
     store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, UserRecord},
 };
+use key_cache::KeyCache;
 
 /// What account management needs: storage, time, ids and the password hasher.
 #[derive(Clone)]
@@ -26,6 +31,7 @@ pub struct Accounts {
     pub hasher: PasswordHasher,
     /// When each key was last used, not yet written (see `flush_key_uses`).
     pub key_uses: Arc<Mutex<HashMap<String, i64>>>,
+    pub key_cache: Arc<KeyCache>,
 }
 
 /// A new key: its record and the secret, which is shown this once.
@@ -131,18 +137,68 @@ impl Accounts {
 
     /// Revokes one of the user's keys (404 when it is not theirs).
     pub async fn revoke_key(&self, user_id: &str, id: &str) -> Result<()> {
-        if self.store.delete_api_key(user_id, id).await? { Ok(()) } else { Err(Error::NotFound) }
+        let deleted = self.store.delete_api_key(user_id, id).await?;
+        self.key_cache.announce().await;
+        if deleted { Ok(()) } else { Err(Error::NotFound) }
+    }
+
+    /// Sets (or clears) the user's display name.
+    pub async fn set_display_name(&self, user_id: &str, name: Option<&str>) -> Result<()> {
+        self.store.set_display_name(user_id, name, self.clock.now_ms()).await?;
+        self.key_cache.announce().await;
+        Ok(())
+    }
+
+    /// Stores a new password hash and ends the user's other login sessions
+    /// (all of them when `keep_session` is empty, as for an API key).
+    pub async fn set_password_hash(&self, user_id: &str, hash: &str, keep_session: &str) -> Result<()> {
+        let now = self.clock.now_ms();
+        self.store.set_password_hash(user_id, hash, now).await?;
+        self.store.revoke_other_sessions(user_id, keep_session, now).await?;
+        self.key_cache.announce().await;
+        Ok(())
+    }
+
+    /// An admin's change of a user's role or disabled state; `None` when
+    /// there is no such user.
+    pub async fn update_user_admin(
+        &self,
+        user_id: &str,
+        role: Option<Role>,
+        disabled: Option<bool>,
+    ) -> Result<Option<UserRecord>> {
+        let user = self.store.update_user_admin(user_id, role, disabled, self.clock.now_ms()).await?;
+        self.key_cache.announce().await;
+        Ok(user)
+    }
+
+    /// Deletes the account with everything in it; false when there was none.
+    pub async fn delete_user(&self, user_id: &str) -> Result<bool> {
+        let deleted = self.store.delete_user(user_id).await?;
+        self.key_cache.announce().await;
+        Ok(deleted)
     }
 
     /// The key and its owner, when the key exists, has not expired and its
-    /// owner may log in. Read from the database on every call, so a revoked
-    /// key, a deleted or a disabled owner is refused at once everywhere.
+    /// owner may log in. Read from the database, or from memory when no
+    /// write to users or keys can have gone unseen since (`key_cache`), so
+    /// a revoked key, a deleted or a disabled owner is refused at once
+    /// everywhere.
     pub async fn authenticate_key(&self, key: &str) -> Result<Option<(ApiKeyRecord, UserRecord)>> {
         if !key.starts_with("pk_") || key.len() > 200 {
             return Ok(None);
         }
         let now = self.clock.now_ms();
-        let Some((record, user)) = self.store.api_key_by_hash(&hash_token(key)).await? else { return Ok(None) };
+        let hash = hash_token(key);
+        let (record, user) = match self.key_cache.get(&self.store, &hash) {
+            Some(found) => found,
+            None => {
+                let epoch = self.store.accounts_epoch();
+                let Some((record, user)) = self.store.api_key_by_hash(&hash).await? else { return Ok(None) };
+                self.key_cache.put(&hash, epoch, &record, &user);
+                (record, user)
+            }
+        };
         if record.is_expired(now) || user.is_disabled() {
             return Ok(None);
         }

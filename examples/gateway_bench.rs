@@ -16,7 +16,8 @@
 //!        [seconds per phase, default 5] [paced rate, req/s, default 10000]
 //! PALAVER_BENCH_MODEL sets the request's model (default openai/gpt-4o-mini);
 //! PALAVER_BENCH_PERF=<file> records `perf record -g` on the server during the
-//! saturated non-stream gateway phase (its figures are then perturbed).
+//! saturated non-stream gateway phase (its figures are then perturbed);
+//! PALAVER_BENCH_PERF_CALLGRAPH=dwarf for call graphs of a release build.
 
 mod common;
 
@@ -691,7 +692,10 @@ async fn api_key(base: &str) -> anyhow::Result<String> {
 /// `perf record -g` on the server for `duration`, into `out`.
 fn start_perf(pid: u32, out: &str, duration: Duration) -> anyhow::Result<tokio::process::Child> {
     Ok(tokio::process::Command::new("perf")
-        .args(["record", "-g", "-p", &pid.to_string(), "-o", out, "--", "sleep"])
+        // PALAVER_BENCH_PERF_CALLGRAPH=dwarf unwinds a release build without frame pointers.
+        .arg("record")
+        .arg(format!("--call-graph={}", std::env::var("PALAVER_BENCH_PERF_CALLGRAPH").unwrap_or_else(|_| "fp".into())))
+        .args(["-p", &pid.to_string(), "-o", out, "--", "sleep"])
         .arg(format!("{:.1}", duration.as_secs_f64()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -343,6 +343,11 @@ impl Providers {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10).min(policy.attempt_timeout))
             .user_agent(concat!("palaver/", env!("CARGO_PKG_VERSION")))
+            // A provider that redirects a POST is misconfigured: its 3xx is
+            // reported like any other refusal. (Following redirects also
+            // parsed every response's URL: a visible share of a gateway
+            // request's CPU.)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let mut adapters: BTreeMap<String, Arc<dyn ChatProvider>> = BTreeMap::new();
         // Each provider's usual model, in order of preference for the default.

@@ -145,6 +145,8 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
     store.migrate().await?;
     let shutdown = CancellationToken::new();
     recover_interrupted_replies(&store, clock.as_ref(), &settings).await?;
+    let metrics = metrics_handle();
+    register_metrics(&providers);
     metrics::gauge!("palaver_support_queue_length").set(store.support_queue().await?.len() as f64);
     let counters =
         redis.clone().map(|client| crate::limits::SharedCounters::new(client, &settings.server.redis_prefix));
@@ -187,7 +189,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         accounts,
         providers,
         settings: Arc::new(settings),
-        metrics: Some(metrics_handle()),
+        metrics: Some(metrics),
         chat,
         desk,
         login_throttle,
@@ -356,6 +358,19 @@ fn dev_secret(dir: &Path) -> std::io::Result<String> {
 }
 
 /// The process-wide Prometheus recorder (installed once).
+/// Every series a dashboard or an alert is likely to watch, present (at 0)
+/// from the start rather than after its first use: the gauges, and the
+/// provider call and token counters of each configured model. Added to by
+/// nothing, so a second state in one process (tests) changes no value.
+fn register_metrics(providers: &Providers) {
+    for kind in ["chat", "support_client", "support_agent"] {
+        metrics::gauge!("palaver_open_sockets", "kind" => kind).increment(0.0);
+    }
+    metrics::gauge!("palaver_support_queue_length").set(0.0);
+    metrics::gauge!("palaver_replies_in_flight").increment(0.0);
+    providers.register_metrics();
+}
+
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE

@@ -29,7 +29,9 @@ impl Chat {
         self.replies.live.lock().expect("replies lock poisoned").insert(live.message_id.clone(), live.clone());
         let chat = self.clone();
         let base = placeholder.clone();
+        let counted = InFlight::count();
         self.replies.tasks.spawn(async move {
+            let _counted = counted;
             let heartbeat = tokio::spawn(chat.clone().keep_alive(live.clone()));
             let (outcome, answered_by) = match chat.build_context(&conversation, &model, upto_seq).await {
                 Ok(context) => chat.generate(&live, &model, context).await,
@@ -46,6 +48,23 @@ impl Chat {
             live.finish(Arc::new(message));
             chat.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
         });
+    }
+}
+
+/// One reply counted in `palaver_replies_in_flight` while it lives (a
+/// panicking reply task included).
+struct InFlight;
+
+impl InFlight {
+    fn count() -> Self {
+        metrics::gauge!("palaver_replies_in_flight").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("palaver_replies_in_flight").decrement(1.0);
     }
 }
 

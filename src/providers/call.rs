@@ -104,6 +104,17 @@ impl Labels {
     }
 }
 
+/// Puts the model's call and token counters on /metrics at 0, so they are
+/// there before its first call.
+pub fn register_metrics(model: &ModelId) {
+    let labels = Labels::of(model);
+    metrics::counter!("palaver_provider_calls_total", &labels.pairs()).increment(0);
+    for direction in ["in", "out"] {
+        let [p, m] = labels.pairs();
+        metrics::counter!("palaver_tokens_total", &[p, m, ("direction", direction.to_owned())]).increment(0);
+    }
+}
+
 /// The `kind` label of `palaver_provider_errors_total`.
 pub fn error_kind(e: &ProviderError) -> &'static str {
     match e {

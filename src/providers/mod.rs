@@ -465,6 +465,15 @@ impl Providers {
         self.adapters.keys().cloned().collect()
     }
 
+    /// Puts every configured model's counters on /metrics at 0.
+    pub fn register_metrics(&self) {
+        for m in self.models() {
+            if let Ok(id) = ModelId::parse(&m.id) {
+                call::register_metrics(&id);
+            }
+        }
+    }
+
     pub fn models(&self) -> Vec<ModelInfo> {
         let default = self.default_model.to_string();
         let mut items: Vec<ModelInfo> = self

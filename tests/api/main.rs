@@ -25,6 +25,7 @@ mod idempotency;
 mod ids;
 mod login_protection;
 mod memory;
+mod metrics;
 mod ops;
 mod outage;
 mod refresh_races;

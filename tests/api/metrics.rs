@@ -1,0 +1,70 @@
+//! `/metrics` (SPEC §7): the gauges and each configured model's counters are
+//! there at 0 on a fresh instance, before their first use, and they move.
+//! Each test runs its own `palaver` process: the recorder is per process.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::helpers::{Db, Fetch, TestApp, spawn_process_app};
+use crate::mock_llm::Script;
+use crate::streaming::until_first_delta;
+
+/// The value of one series (`name{labels}` exactly as rendered), if present.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn metrics(app: &TestApp) -> String {
+    let r = app.get("/metrics").fetch().await;
+    r.assert_status(StatusCode::OK);
+    r.text.clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_instance_shows_every_gauge_at_zero() {
+    let Some(app) = spawn_process_app(Db::Sqlite).await else { return };
+    let text = metrics(&app).await;
+    for name in [
+        r#"palaver_open_sockets{kind="chat"}"#,
+        r#"palaver_open_sockets{kind="support_client"}"#,
+        r#"palaver_open_sockets{kind="support_agent"}"#,
+        "palaver_support_queue_length",
+        "palaver_replies_in_flight",
+    ] {
+        assert_eq!(series(&text, name), Some(0.0), "{name} missing or not 0 in:\n{text}");
+    }
+    assert!(
+        text.lines().any(|l| l.starts_with("palaver_provider_calls_total{") && l.ends_with(" 0")),
+        "the configured models' call counters are there at 0:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_and_replies_in_flight_are_counted() {
+    let Some(app) = spawn_process_app(Db::Sqlite).await else { return };
+    let user = app.signup().await;
+    let chat = r#"palaver_open_sockets{kind="chat"}"#;
+
+    let socket = app.ws(&user).await;
+    let text = metrics(&app).await;
+    assert_eq!(series(&text, chat), Some(1.0), "{text}");
+
+    let conversation = app.new_conversation(&user).await;
+    app.provider.stream(Script::words(200, Duration::from_millis(20)));
+    let mut stream = app.post_message_sse(&user, &conversation, "A long story", None).await;
+    until_first_delta(&mut stream).await;
+    assert_eq!(series(&metrics(&app).await, "palaver_replies_in_flight"), Some(1.0));
+    stream.rest().await;
+
+    drop(socket);
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = metrics(&app).await;
+        if series(&last, chat) == Some(0.0) && series(&last, "palaver_replies_in_flight") == Some(0.0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the socket and the reply are still counted:\n{last}");
+}

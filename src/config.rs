@@ -121,6 +121,12 @@ pub struct ServerSettings {
     #[arg(long = "env", env = "PALAVER_ENV", value_enum, default_value = "development", global = true)]
     pub environment: Environment,
 
+    /// How often an event stream (SSE) that has nothing to send sends a
+    /// keep-alive comment, in seconds, so reverse proxies do not cut a slow
+    /// answer; before the first token too.
+    #[arg(long, env = "PALAVER_SSE_KEEPALIVE_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300), global = true)]
+    pub sse_keepalive_secs: u64,
+
     /// Address to listen on.
     #[arg(long, env = "PALAVER_BIND", default_value = "127.0.0.1:8000", global = true)]
     pub bind: SocketAddr,

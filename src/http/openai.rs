@@ -22,6 +22,7 @@ use super::{
     AppState,
     error::ApiError,
     extract::{AuthUser, authenticate_key, authenticate_token, bearer},
+    streaming::keepalive_every,
 };
 use crate::{
     chat::{Caller, RelayStream},
@@ -36,8 +37,8 @@ use crate::{
 /// `200` and sends `: ping` comments: errors that come quickly (a refused
 /// key, a rate limit) still get their own status.
 const FIRST_EVENT_GRACE: Duration = Duration::from_secs(2);
-/// How often a waiting stream pings.
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// What a stream with nothing to send writes every `PALAVER_SSE_KEEPALIVE_SECS`.
+const PING: &[u8] = b": ping\n\n";
 
 // ---------------------------------------------------------------------------
 // Errors, as OpenAI shapes them
@@ -504,10 +505,9 @@ async fn completions(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1R
         return Ok(Json(completion_json(&id, created, &reply)).into_response());
     }
     let started = start_within_grace(Box::pin(start)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_chunks(tx, started, id, created, req.include_usage));
-    let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok::<_, std::io::Error>));
-    Ok(sse_response(body))
+    Ok(sse_response(rx, keepalive_every(&state)))
 }
 
 /// Waits a little for the reply to start, so that quick failures get their
@@ -520,8 +520,18 @@ pub(super) async fn start_within_grace(mut start: Starting) -> V1Result<Started>
     }
 }
 
-pub(super) fn sse_response(body: Body) -> Response {
-    let mut response = Response::new(body);
+/// An event stream of the frames `rx` receives, with a `: ping` comment
+/// whenever none came for `every` (so proxies keep a slow answer open).
+pub(super) fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>, every: Duration) -> Response {
+    let frames = futures::stream::unfold(rx, move |mut rx| async move {
+        let frame = match tokio::time::timeout(every, rx.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(_) => Bytes::from_static(PING),
+        };
+        Some((Ok::<_, std::io::Error>(frame), rx))
+    });
+    let mut response = Response::new(Body::from_stream(frames));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -537,30 +547,23 @@ pub(super) enum Started {
     Later(Starting),
 }
 
-/// Waits for a stream still starting, pinging the client meanwhile; false
-/// when the client went away.
+/// Waits for a stream still starting, after a first ping that commits the
+/// answer to 200 (the keep-alive of `sse_response` pings on meanwhile);
+/// `None` when the client went away.
 pub(super) async fn wait_started(
     started: Started,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
 ) -> Option<Result<RelayStream, ProviderError>> {
-    let mut starting = match started {
+    let starting = match started {
         Started::Now(s) => return Some(Ok(s)),
         Started::Later(f) => f,
     };
-    if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
+    if tx.send(Bytes::from_static(PING)).await.is_err() {
         return None;
     }
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            done = &mut starting => return Some(done),
-            _ = ping.tick() => {
-                if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
-                    return None;
-                }
-            }
-        }
+    tokio::select! {
+        done = starting => Some(done),
+        _ = tx.closed() => None,
     }
 }
 

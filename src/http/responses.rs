@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::{
     Json,
-    body::{Body, Bytes},
+    body::Bytes,
     extract::State,
     response::{IntoResponse, Response},
 };
@@ -21,6 +21,7 @@ use super::{
         OpenAiError, Started, V1Caller, V1Result, body_and_model, opt_bool, opt_f64, opt_u32, parse_tool_choice,
         parse_tools, sse_response, start_within_grace, text_of, wait_started,
     },
+    streaming::keepalive_every,
 };
 use crate::{
     domain::context::{ChatMessage, ChatRole, ToolCall},
@@ -177,10 +178,9 @@ async fn respond(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1Resul
         return Ok(Json(shell.object("completed", &model, output, done)).into_response());
     }
     let started = start_within_grace(Box::pin(start)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_events(tx, started, shell, ids));
-    let body = Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok::<_, std::io::Error>));
-    Ok(sse_response(body))
+    Ok(sse_response(rx, keepalive_every(&state)))
 }
 
 /// The ids of one response and its items.

@@ -74,9 +74,14 @@ fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> 
     })
 }
 
-fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Response {
+/// How often a stream with nothing to send sends a keep-alive comment.
+pub(super) fn keepalive_every(state: &AppState) -> Duration {
+    Duration::from_secs(state.settings.server.sse_keepalive_secs)
+}
+
+fn sse(every: Duration, events: impl Stream<Item = Event> + Send + 'static) -> Response {
     let body = events.map(Ok::<_, Infallible>);
-    let mut response = Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    let mut response = Sse::new(body).keep_alive(KeepAlive::new().interval(every)).into_response();
     // Proxies (nginx) must not buffer the stream.
     response.headers_mut().insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     response
@@ -93,7 +98,7 @@ pub fn send_events(state: Arc<AppState>, sent: Sent, with_conversation: bool) ->
     let mut user_message = json!(MessageView::from(&sent.user_message));
     user_message["assistant_message_id"] = json!(sent.assistant_message.id);
     head.push(event("user_message", "0".into(), user_message));
-    sse(stream::iter(head).chain(reply_events(state, sent.assistant_message, 0)))
+    sse(keepalive_every(&state), stream::iter(head).chain(reply_events(state, sent.assistant_message, 0)))
 }
 
 /// The byte offset named by a `Last-Event-ID` (`"123"` or `"123:end"`).
@@ -122,7 +127,7 @@ pub async fn resume(
 ) -> ApiResult<Response> {
     let message = assistant_message(&state, &auth, &ids).await?;
     let from = resume_offset(&headers)?.unwrap_or(0);
-    Ok(sse(reply_events(state, message, from)))
+    Ok(sse(keepalive_every(&state), reply_events(state, message, from)))
 }
 
 async fn assistant_message(state: &AppState, auth: &AuthUser, ids: &UuidPath) -> ApiResult<MessageRecord> {

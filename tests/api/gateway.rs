@@ -29,7 +29,7 @@ db_tests!(
     provider_failures_map_to_gateway_statuses,
     responses_answer_text_and_stream_events,
     responses_carry_tool_calls_as_function_call_items;
-    sqlite_only: a_slow_start_is_pinged_then_streamed,
+    sqlite_only: a_slow_start_is_pinged_then_streamed, every_stream_keeps_alive_between_slow_tokens,
 );
 
 impl TestApp {
@@ -609,4 +609,47 @@ async fn a_slow_start_is_pinged_then_streamed(mut app: TestApp) {
     r.assert_status(StatusCode::OK);
     assert!(r.text.starts_with(": ping\n\n"), "{}", r.text);
     assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
+}
+
+/// `PALAVER_SSE_KEEPALIVE_SECS` apart, every event stream with nothing to
+/// send sends a comment: `/v1` chat completions and responses, and `/api`'s
+/// own streams, mid-answer and not only before the first token.
+async fn every_stream_keeps_alive_between_slow_tokens(mut app: TestApp) {
+    app.restart_with(|s| {
+        s.server.sse_keepalive_secs = 1;
+        s.providers.provider_idle_timeout = 20;
+    })
+    .await;
+    let (user, key) = key_for(&app).await;
+    let slow = || Script::words(2, Duration::from_millis(2_600));
+    let after_first_token = |text: &str, comment: &str| {
+        let start = text.find("data: ").expect("a data frame");
+        text[start..].contains(comment)
+    };
+
+    app.provider.stream(slow());
+    let r = complete(&app, &key, hello(true)).await;
+    r.assert_status(StatusCode::OK);
+    assert!(after_first_token(&r.text, "\n: ping\n\n"), "{}", r.text);
+    assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
+
+    app.provider.stream(slow());
+    let body = json!({ "model": DEFAULT_MODEL, "input": "hello", "stream": true });
+    let r = app.post("/v1/responses").bearer_auth(&key).json(&body).fetch().await;
+    r.assert_status(StatusCode::OK);
+    assert!(after_first_token(&r.text, "\n: ping\n\n"), "{}", r.text);
+    assert!(r.text.contains("response.completed"), "{}", r.text);
+
+    app.provider.stream(slow());
+    let conversation = app.new_conversation(&user).await;
+    let r = app
+        .post(&format!("/api/conversations/{conversation}/messages"))
+        .bearer_auth(&user.token)
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "content": "hello" }))
+        .fetch()
+        .await;
+    r.assert_status(StatusCode::OK);
+    let delta = r.text.find("event: delta").expect("a delta");
+    assert!(r.text[delta..].contains("\n:\n\n") || r.text[delta..].contains("\n: \n\n"), "{}", r.text);
 }

@@ -14,6 +14,7 @@ pub mod middleware;
 pub mod openai;
 pub mod ops;
 pub mod responses;
+pub mod search;
 pub mod send;
 pub mod serve;
 pub mod socket;
@@ -81,6 +82,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(chat::chat_stream))
         .routes(routes!(ws::chat_socket))
         .routes(routes!(chat::history))
+        .routes(routes!(search::search))
         .routes(routes!(chat::models))
         .routes(routes!(support::create_session))
         .routes(routes!(support::get_session))
@@ -93,6 +95,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(support::agent_message))
         .routes(routes!(support::release))
         .routes(routes!(support::close))
+        .routes(routes!(search::agent_search))
         .routes(routes!(support_ws::client_socket))
         .routes(routes!(support_ws::agent_socket))
         .routes(routes!(ops::health))

@@ -30,6 +30,7 @@ mod outage;
 mod refresh_races;
 mod robustness;
 mod sdk;
+mod search;
 mod security;
 mod streaming;
 mod support;

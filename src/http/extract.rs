@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use super::{AppState, error::ApiError};
 use crate::{
     auth::hash_token,
-    domain::{FieldError, Validator, search::SearchTerm, user::Role},
+    domain::{FieldError, Validator, conversation::ExportFormat, search::SearchTerm, user::Role},
     store::{SessionAuth, UserRecord},
 };
 
@@ -397,6 +397,29 @@ impl<S: Send + Sync> FromRequestParts<S> for SearchQuery {
         };
         parsed.map(SearchQuery).map_err(|e| ApiError::invalid(vec![FieldError::new("q", e)]))
     }
+}
+
+/// `?format=json|markdown` (default json).
+#[derive(Debug, Clone, Copy)]
+pub struct ExportQuery(pub ExportFormat);
+
+impl<S: Send + Sync> FromRequestParts<S> for ExportQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = query_map(parts)?;
+        let format = q.get("format").map_or(Ok(ExportFormat::Json), |f| ExportFormat::parse(f));
+        format.map(ExportQuery).map_err(|e| ApiError::invalid(vec![FieldError::new("format", e)]))
+    }
+}
+
+/// `ExportQuery` as the OpenAPI document states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ExportQueryDoc {
+    /// `json` (the default) or `markdown`.
+    format: Option<ExportFormat>,
 }
 
 /// `SearchQuery` as the OpenAPI document states it.

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod conversations;
 pub mod docs;
 pub mod error;
+pub mod export;
 pub mod extract;
 pub mod framing;
 pub mod keys;
@@ -69,6 +70,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(auth::list_sessions))
         .routes(routes!(auth::revoke_session))
         .routes(routes!(users::me, users::update_me, users::delete_me))
+        .routes(routes!(export::export_account))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
         .routes(routes!(admin::list_users))
@@ -76,6 +78,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(conversations::create, conversations::list))
         .routes(routes!(conversations::get_one, conversations::update, conversations::delete))
         .routes(routes!(conversations::list_messages, conversations::post_message))
+        .routes(routes!(export::export_conversation))
         .routes(routes!(streaming::resume))
         .routes(routes!(streaming::cancel))
         .routes(routes!(chat::chat))

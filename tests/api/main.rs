@@ -20,6 +20,7 @@ mod cluster;
 mod connections;
 mod conversations;
 mod crash;
+mod export;
 mod gateway;
 mod idempotency;
 mod ids;

@@ -1,7 +1,9 @@
 //! Literal search over messages. The trigram indexes of 0007 (SQLite FTS5,
 //! PostgreSQL pg_trgm) find candidates; each is checked exactly here
 //! (`SearchTerm::snippet`), so the index's own notion of a match never
-//! decides. Terms too short for trigrams scan the newest messages instead.
+//! decides. Terms too short for trigrams, and owners with no more messages
+//! than one search checks, scan the newest messages instead: on SQLite a
+//! term found in most messages costs the index far more than such a scan.
 
 use futures::TryStreamExt;
 use sqlx::AssertSqlSafe;
@@ -55,7 +57,10 @@ impl Store {
         let columns =
             format!("m.id, m.conversation_id, m.role, m.content, m.created_at, c.title, {session_col} AS session_id");
         let joined = format!("JOIN conversations c ON c.id = m.conversation_id {session_join}");
-        let sql = match (term.is_indexable(), self.engine) {
+        // An owner with few messages is searched fastest by reading them all
+        // (and exactly: none is left out); the index serves the others.
+        let indexed = term.is_indexable() && self.message_total(owner).await? > SEARCH_CANDIDATES;
+        let sql = match (indexed, self.engine) {
             (true, Engine::Sqlite) => format!(
                 "SELECT {columns} FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid {joined} \
                  WHERE messages_fts MATCH $2 AND c.user_id = $1 {NEWEST_FIRST} LIMIT $3"
@@ -70,7 +75,7 @@ impl Store {
             }
         };
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(owner);
-        if term.is_indexable() {
+        if indexed {
             query = query.bind(match self.engine {
                 Engine::Sqlite => term.fts5_phrase(),
                 Engine::Postgres => term.like_escaped(),
@@ -101,5 +106,16 @@ impl Store {
             });
         }
         Ok((hits, total))
+    }
+
+    /// How many messages the user's conversations hold.
+    async fn message_total(&self, user_id: &str) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(message_count), 0) AS BIGINT) FROM conversations WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)
     }
 }

@@ -20,6 +20,7 @@ db_tests!(
     hits_are_newest_first_and_paged,
     q_is_validated,
     agents_search_support_transcripts,
+    a_long_history_is_searched_through_the_index,
 );
 
 async fn search(app: &TestApp, user: &TestUser, q: &str) -> ApiResponse {
@@ -276,4 +277,40 @@ async fn agents_search_support_transcripts(app: TestApp) {
     app.get("/api/agent/search?q=parcel").bearer_auth(&v.token).fetch().await.assert_unauthorized();
     // A user's own search never shows support transcripts.
     assert_eq!(found(&app, &user, "parcel 42%").await.len(), 1);
+}
+
+/// More messages than one search scans: only the index finds the oldest,
+/// and it follows their edits and deletion.
+async fn a_long_history_is_searched_through_the_index(app: TestApp) {
+    let user = app.signup().await;
+    let cid = app.new_conversation(&user).await;
+    let inserted = app
+        .database
+        .execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000) \
+             INSERT INTO messages (id, conversation_id, role, content, status, usage_estimated, created_at, \
+             updated_at, seq) \
+             SELECT $1 || '-' || CAST(i AS TEXT), $1, 'user', \
+             CASE WHEN i = 7 THEN 'the OLD_NEEDLE 100% here' ELSE 'filler text number ' || CAST(i AS TEXT) END, \
+             'complete', 0, 1700000000000 + i, 1700000000000 + i, i FROM n",
+            &[cid.as_str()],
+        )
+        .await;
+    assert_eq!(inserted, 6000);
+    app.database
+        .execute("UPDATE conversations SET message_count = 6000, last_seq = 6000 WHERE id = $1", &[cid.as_str()])
+        .await;
+    let oldest = format!("{cid}-7");
+    assert_eq!(found(&app, &user, "old_needle 100%").await, vec![oldest.clone()]);
+    assert!(found(&app, &user, "old-needle").await.is_empty(), "_ is no wildcard");
+    let r = search(&app, &user, "filler text number 599").await;
+    assert_page(&r.body, 1, 20, 11);
+    assert_eq!(r.items()[0]["message_id"], format!("{cid}-5999"), "newest first");
+
+    app.database.execute("UPDATE messages SET content = 'moved on' WHERE id = $1", &[oldest.as_str()]).await;
+    assert!(found(&app, &user, "old_needle").await.is_empty());
+    assert_eq!(found(&app, &user, "MOVED ON").await, vec![oldest]);
+    let r = app.delete(&format!("/api/conversations/{cid}")).bearer_auth(&user.token).fetch().await;
+    r.assert_status(StatusCode::NO_CONTENT);
+    assert!(search(&app, &user, "filler text").await.items().is_empty());
 }

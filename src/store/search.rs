@@ -61,8 +61,11 @@ impl Store {
         // (and exactly: none is left out); the index serves the others.
         let indexed = term.is_indexable() && self.message_total(owner).await? > SEARCH_CANDIDATES;
         let sql = match (indexed, self.engine) {
+            // CROSS JOIN keeps SQLite on this order: from the index's matches
+            // to their rows. The other order probes the index once per message.
             (true, Engine::Sqlite) => format!(
-                "SELECT {columns} FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid {joined} \
+                "SELECT {columns} FROM messages_fts CROSS JOIN messages m ON m.rowid = messages_fts.rowid \
+                 CROSS {joined} \
                  WHERE messages_fts MATCH $2 AND c.user_id = $1 {NEWEST_FIRST} LIMIT $3"
             ),
             (true, Engine::Postgres) => format!(

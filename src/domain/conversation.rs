@@ -217,3 +217,63 @@ mod tests {
         assert!(t.ends_with('…') && t.chars().count() <= 61, "{t}");
     }
 }
+
+/// What a conversation export is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    Json,
+    Markdown,
+}
+
+impl ExportFormat {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "json" => Ok(Self::Json),
+            "markdown" => Ok(Self::Markdown),
+            _ => Err("must be json or markdown".into()),
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Markdown => "md",
+        }
+    }
+}
+
+/// A file name for a conversation's export: its title in lowercase ASCII
+/// words joined by `-` (at most 60 characters), or its id when the title
+/// gives none.
+pub fn export_file_stem(title: Option<&str>, id: &str) -> String {
+    let mut slug = String::new();
+    for c in title.unwrap_or_default().chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+        if slug.len() >= 60 {
+            break;
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    if slug.is_empty() { id.to_owned() } else { slug.to_owned() }
+}
+
+#[cfg(test)]
+mod export_tests {
+    use super::*;
+
+    #[test]
+    fn export_file_stems_are_safe_slugs() {
+        assert_eq!(export_file_stem(Some("Trip to Lisbon 🇵🇹!"), "x"), "trip-to-lisbon");
+        assert_eq!(export_file_stem(Some("\"; rm -rf /"), "x"), "rm-rf");
+        assert_eq!(export_file_stem(Some("日本語"), "abc"), "abc");
+        assert_eq!(export_file_stem(None, "abc"), "abc");
+        assert!(export_file_stem(Some(&"word ".repeat(50)), "x").len() <= 60);
+        assert_eq!(ExportFormat::parse("markdown"), Ok(ExportFormat::Markdown));
+        assert!(ExportFormat::parse("pdf").is_err());
+    }
+}

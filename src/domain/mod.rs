@@ -4,6 +4,7 @@
 
 pub mod context;
 pub mod conversation;
+pub mod search;
 pub mod support;
 pub mod user;
 pub mod validation;

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use super::{AppState, error::ApiError};
 use crate::{
     auth::hash_token,
-    domain::{FieldError, Validator, user::Role},
+    domain::{FieldError, Validator, conversation::ExportFormat, search::SearchTerm, user::Role},
     store::{SessionAuth, UserRecord},
 };
 
@@ -380,6 +380,56 @@ impl<S: Send + Sync> FromRequestParts<S> for Pagination {
         v.finish().map_err(ApiError::invalid)?;
         Ok(Pagination { page, per_page })
     }
+}
+
+/// `?q=…`: a literal search term (not blank, at most 200 characters).
+#[derive(Debug, Clone)]
+pub struct SearchQuery(pub SearchTerm);
+
+impl<S: Send + Sync> FromRequestParts<S> for SearchQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = query_map(parts)?;
+        let parsed = match q.get("q") {
+            Some(q) => SearchTerm::parse(q),
+            None => Err("is required".to_owned()),
+        };
+        parsed.map(SearchQuery).map_err(|e| ApiError::invalid(vec![FieldError::new("q", e)]))
+    }
+}
+
+/// `?format=json|markdown` (default json).
+#[derive(Debug, Clone, Copy)]
+pub struct ExportQuery(pub ExportFormat);
+
+impl<S: Send + Sync> FromRequestParts<S> for ExportQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = query_map(parts)?;
+        let format = q.get("format").map_or(Ok(ExportFormat::Json), |f| ExportFormat::parse(f));
+        format.map(ExportQuery).map_err(|e| ApiError::invalid(vec![FieldError::new("format", e)]))
+    }
+}
+
+/// `ExportQuery` as the OpenAPI document states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ExportQueryDoc {
+    /// `json` (the default) or `markdown`.
+    format: Option<ExportFormat>,
+}
+
+/// `SearchQuery` as the OpenAPI document states it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct SearchQueryDoc {
+    /// Text to find, literally and case-insensitively: no character is an operator or a wildcard.
+    #[param(min_length = 1, max_length = 200)]
+    q: String,
 }
 
 /// `Pagination`'s query as the OpenAPI document states it.

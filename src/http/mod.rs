@@ -7,6 +7,7 @@ pub mod chat;
 pub mod conversations;
 pub mod docs;
 pub mod error;
+pub mod export;
 pub mod extract;
 pub mod framing;
 pub mod keys;
@@ -14,6 +15,7 @@ pub mod middleware;
 pub mod openai;
 pub mod ops;
 pub mod responses;
+pub mod search;
 pub mod send;
 pub mod serve;
 pub mod socket;
@@ -68,6 +70,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(auth::list_sessions))
         .routes(routes!(auth::revoke_session))
         .routes(routes!(users::me, users::update_me, users::delete_me))
+        .routes(routes!(export::export_account))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
         .routes(routes!(admin::list_users))
@@ -75,12 +78,14 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(conversations::create, conversations::list))
         .routes(routes!(conversations::get_one, conversations::update, conversations::delete))
         .routes(routes!(conversations::list_messages, conversations::post_message))
+        .routes(routes!(export::export_conversation))
         .routes(routes!(streaming::resume))
         .routes(routes!(streaming::cancel))
         .routes(routes!(chat::chat))
         .routes(routes!(chat::chat_stream))
         .routes(routes!(ws::chat_socket))
         .routes(routes!(chat::history))
+        .routes(routes!(search::search))
         .routes(routes!(chat::models))
         .routes(routes!(support::create_session))
         .routes(routes!(support::get_session))
@@ -93,6 +98,7 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(support::agent_message))
         .routes(routes!(support::release))
         .routes(routes!(support::close))
+        .routes(routes!(search::agent_search))
         .routes(routes!(support_ws::client_socket))
         .routes(routes!(support_ws::agent_socket))
         .routes(routes!(ops::health))

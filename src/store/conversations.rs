@@ -461,6 +461,49 @@ impl Store {
         Ok((items, has_more))
     }
 
+    /// Up to `limit` messages of a conversation after the one at `after_seq`
+    /// (0: from the first), oldest first: exports walk a conversation with it.
+    pub async fn messages_after(
+        &self,
+        conversation_id: &str,
+        after_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(conversation_id)
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(MessageRecord::from_row).collect::<Result<Vec<_>, _>>().map_err(map_err)
+    }
+
+    /// Up to `limit` of the user's conversations with ids after `after_id`
+    /// (`""`: from the first), by id: a walk that changes in activity cannot
+    /// reorder.
+    pub async fn conversations_after(
+        &self,
+        user_id: &str,
+        after_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<ConversationRecord>> {
+        let sql = format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(user_id)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(ConversationRecord::from_row).collect::<Result<Vec<_>, _>>().map_err(map_err)
+    }
+
     /// Up to `limit` messages of a conversation up to and including the one
     /// at `upto_seq`, oldest first: the history a reply to it may see.
     pub async fn messages_upto(

@@ -7,6 +7,7 @@
 mod api_keys;
 mod conversations;
 mod idempotency;
+mod search;
 mod sessions;
 mod support;
 mod usage;
@@ -33,6 +34,7 @@ pub use conversations::{
     NewMessage,
 };
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
+pub use search::{SEARCH_CANDIDATES, SearchHit, SearchScope};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};
 pub use support::{SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};
 pub use usage::{UsagePeriod, UsageTotals};

@@ -80,6 +80,29 @@ impl Store {
             completion_tokens: get(&row, "completion_tokens").map_err(map_err)?,
         })
     }
+
+    /// Every day and month the user has totals for, oldest first.
+    pub async fn usage_periods(&self, user_id: &str) -> StoreResult<Vec<(String, UsageTotals)>> {
+        let rows = sqlx::query(
+            "SELECT period, prompt_tokens, completion_tokens FROM user_usage WHERE user_id = $1 ORDER BY period",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get(r, "period")?,
+                    UsageTotals {
+                        prompt_tokens: get(r, "prompt_tokens")?,
+                        completion_tokens: get(r, "completion_tokens")?,
+                    },
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_err)
+    }
 }
 
 #[cfg(test)]

@@ -82,3 +82,68 @@ impl RedisLink {
         }
     }
 }
+
+/// What a subscription to a Redis channel tells its follower.
+pub trait Follower: Send + 'static {
+    /// Subscribed (again, when `first` is false): whatever was published
+    /// while away was missed.
+    fn subscribed(&mut self, first: bool);
+    /// A message on the channel.
+    fn message(&mut self, payload: &str);
+    /// The subscription broke; it is being made again.
+    fn lost(&mut self) {}
+}
+
+/// Follows `channel` until `stop`, subscribing again (with a growing pause,
+/// up to 5 s) whenever Redis goes away. `what` names the channel in the logs.
+pub async fn follow(
+    client: redis::Client,
+    channel: String,
+    what: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+    mut follower: impl Follower,
+) {
+    use futures::StreamExt;
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let attempt = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let subscribed = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(3), attempt) => r,
+        };
+        match subscribed {
+            Ok(Ok(mut pubsub)) => {
+                follower.subscribed(first);
+                first = false;
+                backoff = Duration::from_millis(100);
+                let mut messages = pubsub.on_message();
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        m = messages.next() => m,
+                    };
+                    let Some(msg) = next else { break };
+                    if let Ok(text) = msg.get_payload::<String>() {
+                        follower.message(&text);
+                    }
+                }
+                follower.lost();
+                tracing::warn!(channel = what, "lost the Redis subscription; reconnecting");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(channel = what, error = e.to_string().as_str(), "cannot subscribe to Redis; retrying")
+            }
+            Err(_) => tracing::warn!(channel = what, "subscribing to Redis timed out; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -23,7 +23,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -80,7 +79,8 @@ impl KeyCache {
             }),
             ..Self::disabled()
         });
-        tokio::spawn(listen(cache.clone(), store.clone(), client.clone(), channel, stop));
+        let listener = Listener { cache: cache.clone(), store: store.clone() };
+        tokio::spawn(crate::redis_link::follow(client.clone(), channel, "account changes", stop, listener));
         cache
     }
 
@@ -140,47 +140,24 @@ impl KeyCache {
 /// Follows the other instances' announcements: each one bumps the epoch.
 /// Keys are remembered only while subscribed; on every (re)subscription
 /// the epoch is bumped, as announcements may have been missed.
-async fn listen(cache: Arc<KeyCache>, store: Store, client: redis::Client, channel: String, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let subscribed = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(3), attempt) => r,
-        };
-        match subscribed {
-            Ok(Ok(mut pubsub)) => {
-                store.accounts_changed();
-                cache.sees_all_writes.store(true, Ordering::SeqCst);
-                backoff = Duration::from_millis(100);
-                let mut messages = pubsub.on_message();
-                loop {
-                    let next = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        m = messages.next() => m,
-                    };
-                    if next.is_none() {
-                        break;
-                    }
-                    store.accounts_changed();
-                }
-                cache.sees_all_writes.store(false, Ordering::SeqCst);
-                tracing::warn!("lost the Redis subscription to account changes; reading API keys from the database");
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = e.to_string().as_str(), "cannot subscribe to account changes; retrying");
-            }
-            Err(_) => tracing::warn!("subscribing to account changes timed out; retrying"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+struct Listener {
+    cache: Arc<KeyCache>,
+    store: Store,
+}
+
+impl crate::redis_link::Follower for Listener {
+    fn subscribed(&mut self, _first: bool) {
+        self.store.accounts_changed();
+        self.cache.sees_all_writes.store(true, Ordering::SeqCst);
+    }
+
+    fn message(&mut self, _payload: &str) {
+        self.store.accounts_changed();
+    }
+
+    fn lost(&mut self) {
+        self.cache.sees_all_writes.store(false, Ordering::SeqCst);
+        tracing::warn!("reading API keys from the database until Redis is back");
     }
 }
 

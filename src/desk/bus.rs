@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -129,7 +128,8 @@ impl SupportBus {
         let owes_resync = Arc::new(AtomicBool::new(false));
         let Some(client) = redis else { return Self { local, outbox: None, owes_resync } };
         let channel = format!("{prefix}:support");
-        tokio::spawn(subscribe_loop(client.clone(), channel.clone(), local.clone(), stop.clone()));
+        let subscriber = Subscriber(local.clone());
+        tokio::spawn(crate::redis_link::follow(client.clone(), channel.clone(), "support", stop.clone(), subscriber));
         let (outbox, pending) = mpsc::channel(OUTBOX);
         tokio::spawn(publish_loop(client.clone(), channel, pending, local.clone(), owes_resync.clone(), stop));
         Self { local, outbox: Some(outbox), owes_resync }
@@ -314,52 +314,25 @@ async fn publish_loop(
     }
 }
 
-async fn subscribe_loop(client: redis::Client, channel: String, local: Local, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    let mut first = true;
-    loop {
-        let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(3), attempt) => r,
-        };
-        match pubsub {
-            Ok(Ok(mut pubsub)) => {
-                if !first {
-                    tracing::info!("resubscribed to Redis; sockets resynchronise from the event log");
-                }
-                // Whatever was published while we were away is in the log.
-                local.send(BusMessage::Resync);
-                first = false;
-                backoff = Duration::from_millis(100);
-                let mut messages = pubsub.on_message();
-                loop {
-                    let next = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        m = messages.next() => m,
-                    };
-                    let Some(msg) = next else { break };
-                    let Ok(text) = msg.get_payload::<String>() else { continue };
-                    match serde_json::from_str::<BusEvent>(&text) {
-                        Ok(BusEvent::Resync) => local.send(BusMessage::Resync),
-                        Ok(event) => local.send(BusMessage::Event(Arc::new(event))),
-                        Err(_) => {}
-                    }
-                }
-                tracing::warn!("lost the Redis subscription; reconnecting");
-            }
-            Ok(Err(e)) => tracing::warn!(error = e.to_string().as_str(), "cannot subscribe to Redis; retrying"),
-            Err(_) => tracing::warn!("subscribing to Redis timed out; retrying"),
+/// Feeds this instance's sockets from the Redis channel; every
+/// (re)subscription resyncs them, as events may have been missed.
+struct Subscriber(Local);
+
+impl crate::redis_link::Follower for Subscriber {
+    fn subscribed(&mut self, first: bool) {
+        if !first {
+            tracing::info!("resubscribed to Redis; sockets resynchronise from the event log");
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        // Whatever was published while we were away is in the log.
+        self.0.send(BusMessage::Resync);
+    }
+
+    fn message(&mut self, payload: &str) {
+        match serde_json::from_str::<BusEvent>(payload) {
+            Ok(BusEvent::Resync) => self.0.send(BusMessage::Resync),
+            Ok(event) => self.0.send(BusMessage::Event(Arc::new(event))),
+            Err(_) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -46,9 +46,9 @@ async fn sockets_and_replies_in_flight_are_counted() {
     let user = app.signup().await;
     let chat = r#"palaver_open_sockets{kind="chat"}"#;
 
+    // The socket is counted once its task runs, just after the handshake.
     let socket = app.ws(&user).await;
-    let text = metrics(&app).await;
-    assert_eq!(series(&text, chat), Some(1.0), "{text}");
+    until(&app, "the open socket counted", |m| series(m, chat) == Some(1.0)).await;
 
     let conversation = app.new_conversation(&user).await;
     app.provider.stream(Script::words(200, Duration::from_millis(20)));
@@ -58,13 +58,21 @@ async fn sockets_and_replies_in_flight_are_counted() {
     stream.rest().await;
 
     drop(socket);
+    until(&app, "the socket and the reply no longer counted", |m| {
+        series(m, chat) == Some(0.0) && series(m, "palaver_replies_in_flight") == Some(0.0)
+    })
+    .await;
+}
+
+/// Waits (up to 5 s) for /metrics to satisfy `done`.
+async fn until(app: &TestApp, what: &str, done: impl Fn(&str) -> bool) {
     let mut last = String::new();
     for _ in 0..50 {
-        last = metrics(&app).await;
-        if series(&last, chat) == Some(0.0) && series(&last, "palaver_replies_in_flight") == Some(0.0) {
+        last = metrics(app).await;
+        if done(&last) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the socket and the reply are still counted:\n{last}");
+    panic!("{what}: not within 5 s in\n{last}");
 }

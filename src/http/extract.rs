@@ -419,7 +419,6 @@ impl<S: Send + Sync> FromRequestParts<S> for ExportQuery {
 #[allow(dead_code, reason = "documentation only")]
 pub struct ExportQueryDoc {
     /// `json` (the default) or `markdown`.
-    #[param(inline)]
     format: Option<ExportFormat>,
 }
 

@@ -97,14 +97,6 @@ async fn openapi_describes_the_api(app: TestApp) {
     response.assert_status(StatusCode::OK).assert_json();
     let doc = &response.body;
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')), "openapi version: {}", doc["openapi"]);
-    let mut unresolved = Vec::new();
-    every_ref(doc, &mut |r| {
-        let name = r.strip_prefix("#/components/schemas/");
-        if name.is_none_or(|n| doc["components"]["schemas"].get(n).is_none()) {
-            unresolved.push(r.to_owned());
-        }
-    });
-    assert!(unresolved.is_empty(), "references to nothing (a generated client would fail): {unresolved:?}");
     let paths = doc["paths"].as_object().expect("paths");
     for path in [
         "/api/auth/register",
@@ -334,22 +326,6 @@ fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value
 
 fn statuses(op: &serde_json::Value) -> Vec<String> {
     op["responses"].as_object().expect("responses").keys().cloned().collect()
-}
-
-/// Calls `seen` with every `$ref` in `v`.
-fn every_ref(v: &serde_json::Value, seen: &mut impl FnMut(&str)) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, x) in map {
-                match (k.as_str(), x.as_str()) {
-                    ("$ref", Some(r)) => seen(r),
-                    _ => every_ref(x, seen),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|x| every_ref(x, seen)),
-        _ => {}
-    }
 }
 
 /// Resolves a `$ref` to a component schema; other schemas as they are.

@@ -111,6 +111,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub support: SupportSettings,
+
+    #[command(flatten)]
+    pub retention: RetentionSettings,
 }
 
 /// The server itself: where it listens and keeps its data, the database and
@@ -338,6 +341,23 @@ If you cannot help, tell the visitor they can ask to talk to a human agent.",
     /// Support sessions one client address may open per 10 minutes.
     #[arg(long, env = "PALAVER_SUPPORT_SESSIONS_PER_IP", default_value_t = 20, global = true)]
     pub support_sessions_per_ip: u32,
+}
+
+/// Deleting old data (off by default).
+#[derive(Debug, Clone, Args)]
+pub struct RetentionSettings {
+    /// Days a conversation is kept after its last activity; unset keeps
+    /// them forever (users may still set a retention of their own).
+    #[arg(long, env = "PALAVER_RETENTION_DAYS", value_parser = clap::value_parser!(i64).range(1..=crate::domain::user::MAX_RETENTION_DAYS), global = true)]
+    pub retention_days: Option<i64>,
+
+    /// Days a closed support session (transcript and events) is kept; unset keeps them forever.
+    #[arg(long, env = "PALAVER_SUPPORT_RETENTION_DAYS", value_parser = clap::value_parser!(i64).range(1..=crate::domain::user::MAX_RETENTION_DAYS), global = true)]
+    pub support_retention_days: Option<i64>,
+
+    /// Seconds between two sweeps for data past its retention.
+    #[arg(long, env = "PALAVER_RETENTION_SWEEP_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
+    pub retention_sweep_secs: u64,
 }
 
 /// A proxy address (`10.1.2.3`, `::1`) or range (`10.0.0.0/8`).

@@ -20,6 +20,7 @@ pub mod ids;
 pub mod limits;
 pub mod providers;
 pub mod redis_link;
+pub mod retention;
 pub mod startup;
 pub mod state;
 pub mod store;

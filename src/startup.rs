@@ -77,6 +77,14 @@ impl Application {
         let router = http::router(self.state.clone());
         spawn_sweeper(self.state.clone(), self.shutdown.clone());
         spawn_flusher(self.state.clone(), self.shutdown.clone());
+        crate::retention::Sweeper {
+            store: self.state.store.clone(),
+            clock: self.state.clock.clone(),
+            settings: self.state.settings.retention.clone(),
+            // Unique per process even where tests inject counting ids.
+            holder: uuid::Uuid::new_v4().to_string(),
+        }
+        .spawn(self.shutdown.clone());
         let token = self.shutdown.clone();
         let signal = async move {
             tokio::select! {
@@ -369,6 +377,7 @@ fn register_metrics(providers: &Providers) {
     metrics::gauge!("palaver_support_queue_length").set(0.0);
     metrics::gauge!("palaver_replies_in_flight").increment(0.0);
     providers.register_metrics();
+    crate::retention::register_metrics();
 }
 
 pub fn metrics_handle() -> PrometheusHandle {

@@ -306,6 +306,39 @@ async fn a_drop_before_any_text_is_retried() {
 }
 
 #[tokio::test]
+async fn a_whole_reply_that_broke_off_starts_over_and_then_falls_back() {
+    let mock = MockLlm::start_pieces().await;
+    let mut s = settings(&mock, "k1");
+    s.providers.fallback_models = vec![GEMINI.into()];
+    let p = providers(&s);
+    // Collected whole, nothing was shown: a break after text starts over.
+    mock.then(Fault::DropAfter(2));
+    let done = p.complete(&model(OPENAI), conversation()).await.unwrap();
+    assert_eq!((done.text.as_str(), done.model.to_string()), (REPLY, OPENAI.to_owned()));
+    assert_eq!(mock.requests().len(), 2);
+
+    // The primary breaks off every time: its retries (2), then the fallback.
+    for _ in 0..3 {
+        mock.then(Fault::DropAfter(1));
+    }
+    let done = p.complete(&model(OPENAI), conversation()).await.unwrap();
+    assert_eq!((done.text.as_str(), done.model.to_string()), (REPLY, GEMINI.to_owned()));
+    let paths: Vec<String> = mock.requests()[2..].iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    assert!(paths[..3].iter().all(|p| p.contains("chat/completions")), "{paths:?}");
+    assert!(paths[3].contains("gemini"), "{paths:?}");
+
+    // Everything breaks off: the break is the answer, after every try.
+    let mut s = settings(&mock, "k1");
+    s.providers.provider_retries = 1;
+    mock.always(Fault::DropAfter(1));
+    let before = mock.requests().len();
+    let err = providers(&s).complete(&model(OPENAI), conversation()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Connect(_)), "{err:?}");
+    assert_eq!(mock.requests().len() - before, 2, "the first try and one retry");
+}
+
+#[tokio::test]
 async fn the_fallback_model_answers_when_the_primary_fails_and_says_so() {
     let mock = MockLlm::start_pieces().await;
     let mut s = settings(&mock, "k1");
@@ -727,9 +760,23 @@ async fn a_tool_call_counts_as_output_so_a_drop_after_it_is_not_retried() {
 /// PostgreSQL when `PALAVER_TEST_POSTGRES_URL` (or the local default) answers.
 #[tokio::test]
 async fn usage_totals_add_up_per_user_by_day_and_month() {
+    on_both_engines("usage", |url| async move { check_usage_totals(&url).await }).await;
+}
+
+#[tokio::test]
+async fn retention_deletes_only_what_is_still_due_and_a_lease_has_one_holder() {
+    on_both_engines("retention", |url| async move { check_retention(&url).await }).await;
+}
+
+/// Runs `check` on a fresh SQLite file and, when PostgreSQL answers
+/// (`PALAVER_TEST_POSTGRES_URL` or the local default), on a fresh schema.
+async fn on_both_engines<F, Fut>(name: &str, check: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = format!("sqlite://{}", dir.path().join("usage.db").display());
-    check_usage_totals(&sqlite).await;
+    check(format!("sqlite://{}", dir.path().join(format!("{name}.db")).display())).await;
 
     let base = std::env::var("PALAVER_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
@@ -744,9 +791,99 @@ async fn usage_totals_add_up_per_user_by_day_and_month() {
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.unwrap();
     let separator = if base.contains('?') { '&' } else { '?' };
-    check_usage_totals(&format!("{base}{separator}options=-c%20search_path%3D{schema}")).await;
+    check(format!("{base}{separator}options=-c%20search_path%3D{schema}")).await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&mut conn).await.unwrap();
     let _ = conn.close().await;
+}
+
+async fn check_retention(url: &str) {
+    use palaver::{
+        domain::{
+            conversation::{MessageRole, MessageStatus},
+            user::Role,
+        },
+        store::{ConversationRecord, NewMessage, NewUser, Store},
+    };
+    const DAY: i64 = 86_400_000;
+    let store = Store::connect(url).await.unwrap();
+    store.migrate().await.unwrap();
+    let user = NewUser {
+        id: "u1",
+        email: None,
+        username: Some("u1"),
+        display_name: None,
+        password_hash: "x",
+        role: Role::User,
+        now: 0,
+    };
+    store.insert_user(user).await.unwrap();
+    for id in ["c1", "c2"] {
+        let c = ConversationRecord {
+            id: id.into(),
+            user_id: "u1".into(),
+            title: None,
+            system_prompt: None,
+            model: None,
+            message_count: 0,
+            last_message_at: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        store.insert_conversation(&c).await.unwrap();
+        for i in 0..7 {
+            let message_id = format!("{id}-m{i}");
+            let m = NewMessage {
+                id: &message_id,
+                conversation_id: id,
+                role: MessageRole::User,
+                content: "old",
+                status: MessageStatus::Complete,
+                model: None,
+                now: 0,
+            };
+            store.insert_message(m).await.unwrap();
+        }
+    }
+    let now = 10 * DAY;
+    let mut due = store.conversations_due(Some(5), now, 10).await.unwrap();
+    due.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(due.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["c1", "c2"], "{url}");
+    assert_eq!(due[0].cutoff, 5 * DAY);
+    assert!(store.conversations_due(Some(11), now, 10).await.unwrap().is_empty(), "not idle for 11 days");
+    assert_eq!(store.conversations_due(None, now, 10).await.unwrap(), vec![], "no retention anywhere");
+    store.set_retention_days("u1", Some(3), 0).await.unwrap();
+    let own = store.conversations_due(None, now, 10).await.unwrap();
+    assert_eq!((own.len(), own[0].cutoff), (2, 7 * DAY), "the user's own retention");
+    assert_eq!(store.conversations_due(Some(30), now, 1).await.unwrap().len(), 1, "the limit holds");
+
+    // c2 comes back to life after it was found due: nothing of it is deleted.
+    let revived = NewMessage {
+        id: "c2-new",
+        conversation_id: "c2",
+        role: MessageRole::User,
+        content: "back",
+        status: MessageStatus::Complete,
+        model: None,
+        now: now - DAY,
+    };
+    store.insert_message(revived).await.unwrap();
+    assert!(store.delete_due_conversation(&due[0], 3).await.unwrap(), "c1 in batches of 3");
+    assert!(!store.delete_due_conversation(&due[1], 3).await.unwrap());
+    assert!(store.conversation("c1", "u1").await.unwrap().is_none());
+    let (left, _) = store.list_messages("c2", None, 100).await.unwrap();
+    assert_eq!(left.len(), 8, "{url}: the revived conversation keeps every message");
+
+    // One holder at a time; a lease that ran out or was given up is taken over.
+    assert!(store.take_lease("job", "a", 0, 100).await.unwrap());
+    assert!(!store.take_lease("job", "b", 50, 100).await.unwrap());
+    assert!(store.take_lease("job", "a", 90, 100).await.unwrap(), "renewed by its holder");
+    assert!(!store.take_lease("job", "b", 150, 100).await.unwrap(), "the renewal counts from 90");
+    assert!(store.take_lease("job", "b", 190, 100).await.unwrap(), "expired");
+    store.release_lease("job", "a").await.unwrap();
+    assert!(!store.take_lease("job", "a", 200, 100).await.unwrap(), "only the holder gives it up");
+    store.release_lease("job", "b").await.unwrap();
+    assert!(store.take_lease("job", "a", 200, 100).await.unwrap());
+    store.close().await;
 }
 
 async fn check_usage_totals(url: &str) {

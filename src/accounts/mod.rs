@@ -149,6 +149,13 @@ impl Accounts {
         Ok(())
     }
 
+    /// Sets (or clears) the user's own retention, in days.
+    pub async fn set_retention_days(&self, user_id: &str, days: Option<i64>) -> Result<()> {
+        self.store.set_retention_days(user_id, days, self.clock.now_ms()).await?;
+        self.key_cache.announce().await;
+        Ok(())
+    }
+
     /// Stores a new password hash and ends the user's other login sessions
     /// (all of them when `keep_session` is empty, as for an API key).
     pub async fn set_password_hash(&self, user_id: &str, hash: &str, keep_session: &str) -> Result<()> {

@@ -33,7 +33,8 @@ impl Chat {
         tokio::spawn(async move {
             let mut sent = from;
             if let Some(live) = chat.replies.get(&message.id) {
-                let (text, finished, mut events) = live.snapshot();
+                // `usize::MAX` asks for the end alone (a plain JSON answer).
+                let (text, finished, mut events) = live.snapshot(from != usize::MAX);
                 if !emit_from(&tx, &text, &mut sent).await {
                     return;
                 }
@@ -60,7 +61,7 @@ impl Chat {
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // Fell behind: send the text missed in one piece.
-                            let (text, finished, fresh) = live.snapshot();
+                            let (text, finished, fresh) = live.snapshot(from != usize::MAX);
                             events = fresh;
                             if !emit_from(&tx, &text, &mut sent).await {
                                 return;
@@ -74,7 +75,11 @@ impl Chat {
                     }
                 }
             }
-            // Not running here (or just finished): read the database until done.
+            // Not running here (or just finished): read the database until
+            // done. A reply that started over (its stream broke off while
+            // nobody watched it on its own instance) no longer begins with
+            // what was sent; this follower then waits for the final message.
+            let mut seen = String::new();
             loop {
                 let current = match chat.store.message(&message.conversation_id, &message.id).await {
                     Ok(Some(m)) => m,
@@ -85,8 +90,14 @@ impl Chat {
                         continue;
                     }
                 };
-                if !emit_from(&tx, &current.content, &mut sent).await {
-                    return;
+                let same_start = current.content.starts_with(seen.as_str());
+                if same_start {
+                    if !emit_from(&tx, &current.content, &mut sent).await {
+                        return;
+                    }
+                    if sent < usize::MAX {
+                        seen.clone_from(&current.content);
+                    }
                 }
                 if current.status != MessageStatus::Streaming {
                     let _ = tx.send(ReplyEvent::Finished(Arc::new(current))).await;

@@ -11,7 +11,7 @@ use crate::{
         context::ChatMessage,
         conversation::{MessageStatus, ModelId},
     },
-    providers::{ChatEvent, ProviderError, Usage},
+    providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream, Restarts, Usage},
     store::{ConversationRecord, MessageRecord, MessageUpdate},
 };
 
@@ -85,24 +85,49 @@ impl Outcome {
 
 impl Chat {
     /// Runs the provider stream into the live reply. Timeouts, retries and
-    /// fallback models are the provider layer's; this answers which model replied.
+    /// fallback models are the provider layer's; this answers which model
+    /// replied. A stream that breaks off while no follower shows the text (a
+    /// plain JSON request) starts over as the provider layer allows.
     async fn generate(&self, live: &LiveReply, model: &ModelId, context: Vec<ChatMessage>) -> (Outcome, ModelId) {
-        let stream = tokio::select! {
-            _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
-            started = self.providers.stream(model, context) => match started {
-                Err(e) => return (Outcome::failed(&e), model.clone()),
-                Ok(s) => s,
-            },
-        };
-        let answered_by = stream.model().clone();
+        let options = ChatOptions::default();
+        let mut restarts = Restarts::new(model);
+        let mut restart_after: Option<Duration> = None;
+        loop {
+            let start = async {
+                match restart_after.take() {
+                    None => self.providers.stream_with(model, context.clone(), options.clone()).await,
+                    Some(wait) => self.providers.restart(&restarts, wait, &context, &options).await,
+                }
+            };
+            let stream = tokio::select! {
+                _ = live.cancel.cancelled() => return (Outcome::Cancelled, model.clone()),
+                started = start => match started {
+                    Err(e) => return (Outcome::failed(&e), model.clone()),
+                    Ok(s) => s,
+                },
+            };
+            let answered_by = stream.model().clone();
+            match self.run_stream(live, stream).await {
+                Ok(outcome) => return (outcome, answered_by),
+                Err(e) => match self.providers.may_restart(&mut restarts, &answered_by, &e) {
+                    Some(wait) if live.start_over() => restart_after = Some(wait),
+                    _ => return (Outcome::failed(&e), answered_by),
+                },
+            }
+        }
+    }
+
+    /// One provider stream into the live reply, until it ends, breaks off
+    /// (`Err`) or the reply is cancelled.
+    async fn run_stream(&self, live: &LiveReply, stream: ReplyStream) -> Result<Outcome, ProviderError> {
         tokio::pin!(stream);
         let mut usage = None;
-        let outcome = loop {
+        loop {
             tokio::select! {
-                _ = live.cancel.cancelled() => break Outcome::Cancelled,
+                _ = live.cancel.cancelled() => return Ok(Outcome::Cancelled),
                 next = stream.next() => match next {
-                    None => break Outcome::Complete(usage),
-                    Some(Err(e)) => break Outcome::failed(&e),
+                    None => return Ok(Outcome::Complete(usage)),
+                    Some(Err(e)) => return Err(e),
                     Some(Ok(ChatEvent::Delta(d))) => {
                         if !d.is_empty() {
                             live.push(&d);
@@ -113,8 +138,7 @@ impl Chat {
                     Some(Ok(ChatEvent::ToolCallDelta { .. } | ChatEvent::Finish(_))) => {}
                 },
             }
-        };
-        (outcome, answered_by)
+        }
     }
 
     /// Saves the partial text every flush interval while the reply runs: the

@@ -41,6 +41,9 @@ pub struct LiveReply {
 struct LiveText {
     text: String,
     finished: Option<Arc<MessageRecord>>,
+    /// A follower has asked for the text (not only the end): from then on
+    /// the reply cannot start over unseen.
+    watched: bool,
 }
 
 impl LiveReply {
@@ -57,9 +60,25 @@ impl LiveReply {
 
     /// The text so far, the final message if any, and a receiver for what
     /// comes next — taken together, so nothing falls between them.
-    pub(super) fn snapshot(&self) -> (String, Option<Arc<MessageRecord>>, broadcast::Receiver<ReplyEvent>) {
-        let guard = self.text.lock().expect("reply lock poisoned");
+    /// `watch` says the follower will show the text.
+    pub(super) fn snapshot(
+        &self,
+        watch: bool,
+    ) -> (String, Option<Arc<MessageRecord>>, broadcast::Receiver<ReplyEvent>) {
+        let mut guard = self.text.lock().expect("reply lock poisoned");
+        guard.watched |= watch;
         (guard.text.clone(), guard.finished.clone(), self.events.subscribe())
+    }
+
+    /// Forgets the text so far, for a reply starting over — unless a
+    /// follower is showing it (false then: the text stays).
+    pub(super) fn start_over(&self) -> bool {
+        let mut guard = self.text.lock().expect("reply lock poisoned");
+        if guard.watched {
+            return false;
+        }
+        guard.text.clear();
+        true
     }
 
     pub(super) fn push(&self, delta: &str) -> usize {

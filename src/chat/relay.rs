@@ -16,7 +16,7 @@ use futures::Stream;
 use super::Chat;
 use crate::{
     domain::{context::ChatMessage, conversation::ModelId},
-    providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream},
+    providers::{ChatEvent, ChatOptions, Completion, ProviderError, ReplyStream},
     store::{ApiUsageCounts, ApiUsageKey, UsagePeriod},
 };
 
@@ -61,6 +61,21 @@ impl Chat {
     ) -> Result<RelayStream, ProviderError> {
         let inner = self.providers.stream_with(model, messages, options).await?;
         Ok(RelayStream { inner, chat: self.clone(), caller: caller.clone() })
+    }
+
+    /// A whole gateway reply, for a non-stream request: nothing is shown
+    /// before the end, so a stream that breaks off starts over as the
+    /// provider layer allows (`Providers::restart`).
+    pub async fn relay_complete(
+        self: &Arc<Self>,
+        caller: &Caller,
+        model: &ModelId,
+        messages: Vec<ChatMessage>,
+        options: ChatOptions,
+    ) -> Result<Completion, ProviderError> {
+        let first = self.providers.stream_with(model, messages.clone(), options.clone()).await?;
+        let wrap = |inner| RelayStream { inner, chat: self.clone(), caller: caller.clone() };
+        self.providers.collect_restarting(model, first, &messages, &options, wrap).await
     }
 
     /// Writes the gateway usage gathered since the last flush (owner totals

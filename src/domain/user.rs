@@ -87,6 +87,27 @@ impl DisplayName {
     }
 }
 
+/// The most days a retention may name (a hundred years).
+pub const MAX_RETENTION_DAYS: i64 = 36_500;
+
+/// How many days a user's idle conversations are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionDays(i64);
+
+impl RetentionDays {
+    pub fn parse(days: i64) -> Result<Self, String> {
+        if (1..=MAX_RETENTION_DAYS).contains(&days) {
+            Ok(Self(days))
+        } else {
+            Err(format!("must be a whole number of days from 1 to {MAX_RETENTION_DAYS}"))
+        }
+    }
+
+    pub fn days(self) -> i64 {
+        self.0
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

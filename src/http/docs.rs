@@ -269,6 +269,15 @@ pub fn optional_display_name() -> Schema {
     nullable([display_name()])
 }
 
+/// A retention in days, as `RetentionDays::parse` accepts it (`null` for none).
+pub fn optional_retention_days() -> Schema {
+    nullable([ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(crate::domain::user::MAX_RETENTION_DAYS))
+        .into()])
+}
+
 /// A conversation title, as `Title::parse` accepts it (`null` for none).
 pub fn optional_title() -> Schema {
     nullable([string().pattern(Some(trimmed_pattern(MAX_TITLE_CHARS, r"\u0000"))).into()])

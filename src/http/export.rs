@@ -38,8 +38,8 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// download: JSON (the conversation with all its `messages`) or Markdown.
 #[utoipa::path(get, path = "/api/conversations/{id}/export", tag = "conversations", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path), ExportQueryDoc),
-    responses((status = 200, body = ConversationWithMessages,
-        description = "An attachment: JSON, or with `format=markdown` text/markdown"),
+    responses((status = 200, description = "An attachment: JSON, or with `format=markdown` Markdown",
+        content((ConversationWithMessages = "application/json"), (String = "text/markdown"))),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn export_conversation(
     State(state): State<Arc<AppState>>,

@@ -419,6 +419,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ExportQuery {
 #[allow(dead_code, reason = "documentation only")]
 pub struct ExportQueryDoc {
     /// `json` (the default) or `markdown`.
+    #[param(inline)]
     format: Option<ExportFormat>,
 }
 

@@ -497,13 +497,14 @@ async fn completions(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1R
     let created = state.clock.now_ms() / 1000;
     let chat = state.chat.clone();
     let who = caller.caller();
-    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
     if !req.stream {
-        let stream = start.await.map_err(|e| OpenAiError::from_provider(&e))?;
-        let model = stream.model().clone();
-        let reply = Completion::collect(model, stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
+        let reply = chat
+            .relay_complete(&who, &req.model, req.messages, req.options)
+            .await
+            .map_err(|e| OpenAiError::from_provider(&e))?;
         return Ok(Json(completion_json(&id, created, &reply)).into_response());
     }
+    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
     let started = start_within_grace(Box::pin(start)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_chunks(tx, started, id, created, req.include_usage));

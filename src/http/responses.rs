@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     domain::context::{ChatMessage, ChatRole, ToolCall},
-    providers::{ChatEvent, ChatOptions, Completion, FinishReason, ResponseFormat, Usage},
+    providers::{ChatEvent, ChatOptions, FinishReason, ResponseFormat, Usage},
 };
 
 pub async fn responses(State(state): State<Arc<AppState>>, caller: V1Caller, body: Bytes) -> Response {
@@ -166,17 +166,18 @@ async fn respond(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1Resul
     let chat = state.chat.clone();
     let who = caller.caller();
     let model = req.model.to_string();
-    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
     let shell = Shell { id: ids.response.clone(), created, model, echo: req.echo };
     if !req.stream {
-        let stream = start.await.map_err(|e| OpenAiError::from_provider(&e))?;
-        let model = stream.model().clone();
-        let reply = Completion::collect(model, stream).await.map_err(|e| OpenAiError::from_provider(&e))?;
+        let reply = chat
+            .relay_complete(&who, &req.model, req.messages, req.options)
+            .await
+            .map_err(|e| OpenAiError::from_provider(&e))?;
         let output = output_items(&ids, &reply.text, &reply.tool_calls);
         let model = reply.model.to_string();
         let done = Some((&reply.usage, reply.finish_reason));
         return Ok(Json(shell.object("completed", &model, output, done)).into_response());
     }
+    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
     let started = start_within_grace(Box::pin(start)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_events(tx, started, shell, ids));

@@ -1,4 +1,4 @@
-//! /api/users/me: read, update (display name, password), delete with all data.
+//! /api/users/me: read, update (display name, retention, password), delete with all data.
 
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::domain::{
     Validator,
-    user::{DisplayName, Password},
+    user::{DisplayName, Password, RetentionDays},
 };
 
 /// The current user.
@@ -32,11 +32,16 @@ pub struct UpdateMeBody {
     pub display_name: Option<Option<String>>,
     #[schema(min_length = 8, max_length = 128, pattern = r"^[^\u0000]*$")]
     pub password: Option<String>,
+    /// Days an idle conversation is kept before it is deleted (the shorter
+    /// of this and the server's `PALAVER_RETENTION_DAYS` applies); null clears it.
+    #[serde(default, deserialize_with = "nullable")]
+    #[schema(schema_with = super::docs::optional_retention_days)]
+    pub retention_days: Option<Option<i64>>,
     /// Required with `password`.
     pub current_password: Option<String>,
 }
 
-/// Change the display name or the password (which revokes the other login sessions).
+/// Change the display name, the own retention or the password (which revokes the other login sessions).
 #[utoipa::path(patch, path = "/api/users/me", tag = "users", security(("bearer" = [])), request_body = UpdateMeBody,
     responses((status = 200, body = UserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
@@ -47,6 +52,7 @@ pub async fn update_me(
 ) -> ApiResult<Json<UserView>> {
     let mut v = Validator::new();
     let display_name = body.display_name.map(|d| v.check_opt("display_name", d, |s| DisplayName::parse(&s)));
+    let retention = body.retention_days.map(|d| v.check_opt("retention_days", d, RetentionDays::parse));
     let password = v.check_opt("password", body.password, Password::parse).flatten();
     if password.is_some() && body.current_password.is_none() {
         v.error("current_password", "field required to change the password");
@@ -63,6 +69,9 @@ pub async fn update_me(
     }
     if let Some(Some(name)) = display_name {
         state.accounts.set_display_name(&auth.user.id, name.map(DisplayName::into_inner).as_deref()).await?;
+    }
+    if let Some(Some(days)) = retention {
+        state.accounts.set_retention_days(&auth.user.id, days.map(RetentionDays::days)).await?;
     }
     let user = state.store.user_by_id(&auth.user.id).await?.ok_or(ApiError::Unauthorized)?;
     Ok(Json(UserView::from(&user)))

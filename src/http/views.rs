@@ -23,6 +23,8 @@ pub struct UserView {
     pub role: Role,
     /// RFC 3339 UTC.
     pub created_at: String,
+    /// The user's own retention in days (`PATCH /api/users/me`), null for none.
+    pub retention_days: Option<i64>,
 }
 
 impl From<&UserRecord> for UserView {
@@ -34,6 +36,7 @@ impl From<&UserRecord> for UserView {
             display_name: u.display_name.clone(),
             role: u.role,
             created_at: rfc3339(u.created_at),
+            retention_days: u.retention_days,
         }
     }
 }

@@ -130,7 +130,7 @@ pub fn error_kind(e: &ProviderError) -> &'static str {
 
 /// How long to wait before trying again after `error`, or `None` when
 /// trying again cannot help (or would wait past one attempt's timeout).
-fn retry_delay(error: &ProviderError, attempt: u32, policy: &CallPolicy) -> Option<Duration> {
+pub(super) fn retry_delay(error: &ProviderError, attempt: u32, policy: &CallPolicy) -> Option<Duration> {
     match error {
         ProviderError::Connect(_) | ProviderError::RateLimited { retry_after: None } => Some(backoff(attempt, policy)),
         ProviderError::Upstream { status, .. } if *status >= 500 || *status == 408 => Some(backoff(attempt, policy)),

@@ -206,6 +206,22 @@ impl Stream for ReplyStream {
     }
 }
 
+/// What a reply that broke off has used of its retries and fallbacks.
+#[derive(Debug, Clone)]
+pub struct Restarts {
+    asked: ModelId,
+    skip: Vec<ModelId>,
+    last: Option<ModelId>,
+    breaks: u32,
+}
+
+impl Restarts {
+    /// For a reply that asked for `model`.
+    pub fn new(model: &ModelId) -> Self {
+        Self { asked: model.clone(), skip: Vec::new(), last: None, breaks: 0 }
+    }
+}
+
 /// A whole reply, collected from a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -506,17 +522,31 @@ impl Providers {
     /// Starts a reply: `model` first, then each fallback model, each with
     /// its retries. Answers once the first event has arrived, so a failure
     /// before any output is retried or falls back, and one after it ends the
-    /// stream (the caller has shown text or tool calls by then). Timeouts
-    /// apply inside.
+    /// stream (the caller has shown text or tool calls by then, or may start
+    /// over with `restart`). Timeouts apply inside.
     pub async fn stream_with(
         &self,
         model: &ModelId,
         messages: Vec<ChatMessage>,
         options: ChatOptions,
     ) -> Result<ReplyStream, ProviderError> {
+        self.stream_from(model, &[], &messages, &options).await
+    }
+
+    /// `model` and the fallback models, in order, except those in `skip`.
+    fn candidates<'a>(&'a self, model: &'a ModelId, skip: &'a [ModelId]) -> impl Iterator<Item = &'a ModelId> {
+        std::iter::once(model).chain(self.fallbacks.iter().filter(move |f| *f != model)).filter(|m| !skip.contains(m))
+    }
+
+    async fn stream_from(
+        &self,
+        model: &ModelId,
+        skip: &[ModelId],
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<ReplyStream, ProviderError> {
         let mut first_error = None;
-        let candidates = std::iter::once(model).chain(self.fallbacks.iter().filter(|f| *f != model));
-        for candidate in candidates {
+        for candidate in self.candidates(model, skip) {
             let Some(adapter) = self.adapters.get(candidate.provider()) else {
                 first_error.get_or_insert(ProviderError::Connect(format!(
                     "provider {} is not configured",
@@ -524,14 +554,14 @@ impl Providers {
                 )));
                 continue;
             };
-            if first_error.is_some() {
+            if first_error.is_some() || candidate != model {
                 tracing::warn!(
                     model = model.to_string().as_str(),
                     fallback = candidate.to_string().as_str(),
                     "trying a fallback model"
                 );
             }
-            match call::start(adapter, candidate, &messages, &options, &self.policy).await {
+            match call::start(adapter, candidate, messages, options, &self.policy).await {
                 Ok(events) => return Ok(ReplyStream { model: candidate.clone(), events }),
                 Err(e) => {
                     let (model, error) = (candidate.to_string(), e.to_string());
@@ -546,7 +576,44 @@ impl Providers {
                 }
             }
         }
-        Err(first_error.expect("at least the asked model was tried"))
+        Err(first_error.unwrap_or(ProviderError::Connect("no model is left to try".into())))
+    }
+
+    /// Whether a reply whose stream broke off with `error` may start over —
+    /// for a caller that has shown nothing of it yet — and after what pause.
+    /// As for a failure to connect: the model that broke off is tried again
+    /// while its retries last (for the errors a retry can help), then the
+    /// fallback models after it. Counts the try in `restarts`.
+    pub fn may_restart(&self, restarts: &mut Restarts, broken: &ModelId, error: &ProviderError) -> Option<Duration> {
+        if restarts.last.as_ref() != Some(broken) {
+            restarts.last = Some(broken.clone());
+            restarts.breaks = 0;
+        }
+        let delay =
+            call::retry_delay(error, restarts.breaks, &self.policy).filter(|_| restarts.breaks < self.policy.retries);
+        restarts.breaks += 1;
+        if delay.is_none() {
+            restarts.skip.push(broken.clone());
+        }
+        self.candidates(&restarts.asked, &restarts.skip).next()?;
+        tracing::info!(
+            model = broken.to_string().as_str(),
+            kind = error_kind(error),
+            "the provider's stream broke off; starting the reply over"
+        );
+        Some(delay.unwrap_or_default())
+    }
+
+    /// Starts a reply over, after `wait`, once `may_restart` allowed it.
+    pub async fn restart(
+        &self,
+        restarts: &Restarts,
+        wait: Duration,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<ReplyStream, ProviderError> {
+        tokio::time::sleep(wait).await;
+        self.stream_from(&restarts.asked, &restarts.skip, messages, options).await
     }
 
     /// Runs a whole reply with the provider's default options.
@@ -555,16 +622,44 @@ impl Providers {
     }
 
     /// Runs a whole reply (with retries, fallback and timeouts, as
-    /// `stream_with`) and collects it.
+    /// `stream_with`) and collects it; nothing is shown before the end, so
+    /// a stream that breaks off starts over (`restart`).
     pub async fn complete_with(
         &self,
         model: &ModelId,
         messages: Vec<ChatMessage>,
         options: ChatOptions,
     ) -> Result<Completion, ProviderError> {
-        let stream = self.stream_with(model, messages, options).await?;
-        let model = stream.model().clone();
-        Completion::collect(model, stream).await
+        let first = self.stream_with(model, messages.clone(), options.clone()).await?;
+        self.collect_restarting(model, first, &messages, &options, |s| s).await
+    }
+
+    /// Collects a reply that started as `first`, starting it over (`restart`)
+    /// whenever its stream breaks off; `wrap` turns each provider stream into
+    /// the one collected (a counting wrapper, say).
+    pub async fn collect_restarting<S>(
+        &self,
+        model: &ModelId,
+        first: ReplyStream,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+        wrap: impl Fn(ReplyStream) -> S,
+    ) -> Result<Completion, ProviderError>
+    where
+        S: Stream<Item = Result<ChatEvent, ProviderError>>,
+    {
+        let mut restarts = Restarts::new(model);
+        let mut stream = first;
+        loop {
+            let answered_by = stream.model().clone();
+            match Completion::collect(answered_by.clone(), wrap(stream)).await {
+                Ok(done) => return Ok(done),
+                Err(e) => match self.may_restart(&mut restarts, &answered_by, &e) {
+                    Some(wait) => stream = self.restart(&restarts, wait, messages, options).await?,
+                    None => return Err(e),
+                },
+            }
+        }
     }
 }
 

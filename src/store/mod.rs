@@ -7,6 +7,7 @@
 mod api_keys;
 mod conversations;
 mod idempotency;
+mod retention;
 mod search;
 mod sessions;
 mod support;
@@ -34,6 +35,7 @@ pub use conversations::{
     NewMessage,
 };
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
+pub use retention::DueConversation;
 pub use search::{SEARCH_CANDIDATES, SearchHit, SearchScope};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};
 pub use support::{SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};

@@ -15,6 +15,8 @@ pub struct UserRecord {
     pub role: Role,
     pub disabled_at: Option<i64>,
     pub created_at: i64,
+    /// The user's own retention in days (conversations idle longer are deleted).
+    pub retention_days: Option<i64>,
 }
 
 impl UserRecord {
@@ -32,6 +34,7 @@ impl UserRecord {
             role: parse_col(row, "role")?,
             disabled_at: get(row, "disabled_at")?,
             created_at: get(row, "created_at")?,
+            retention_days: get(row, "retention_days")?,
         })
     }
 }
@@ -46,8 +49,8 @@ pub struct NewUser<'a> {
     pub now: i64,
 }
 
-pub(super) const USER_COLUMNS: &str =
-    "u.id, u.email, u.username, u.display_name, u.password_hash, u.role, u.disabled_at, u.created_at";
+pub(super) const USER_COLUMNS: &str = "u.id, u.email, u.username, u.display_name, u.password_hash, u.role, u.disabled_at, u.created_at, \
+     u.retention_days";
 
 impl Store {
     /// Inserts a user; `Conflict("email")` / `Conflict("username")` when taken.
@@ -91,6 +94,19 @@ impl Store {
     pub async fn set_display_name(&self, id: &str, name: Option<&str>, now: i64) -> StoreResult<()> {
         sqlx::query("UPDATE users SET display_name = $1, updated_at = $2 WHERE id = $3")
             .bind(name)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        self.accounts_changed();
+        Ok(())
+    }
+
+    /// Sets (or, with `None`, clears) the user's own retention.
+    pub async fn set_retention_days(&self, id: &str, days: Option<i64>, now: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET retention_days = $1, updated_at = $2 WHERE id = $3")
+            .bind(days)
             .bind(now)
             .bind(id)
             .execute(&self.pool)

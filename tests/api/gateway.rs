@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     helpers::{DEFAULT_MODEL, Fetch, TestApp, TestUser, db_tests},
-    mock_llm::{REPLY, Script, ToolReply},
+    mock_llm::{Fault, REPLY, Script, ToolReply},
 };
 
 db_tests!(
@@ -28,7 +28,8 @@ db_tests!(
     bad_requests_get_openai_errors,
     provider_failures_map_to_gateway_statuses,
     responses_answer_text_and_stream_events,
-    responses_carry_tool_calls_as_function_call_items;
+    responses_carry_tool_calls_as_function_call_items,
+    a_non_stream_answer_that_broke_off_is_started_over;
     sqlite_only: a_slow_start_is_pinged_then_streamed, every_stream_keeps_alive_between_slow_tokens,
 );
 
@@ -481,6 +482,30 @@ async fn provider_failures_map_to_gateway_statuses(app: TestApp) {
     app.provider.hang();
     let r = complete(&app, &key, hello(false)).await;
     r.assert_status(StatusCode::GATEWAY_TIMEOUT);
+}
+
+async fn a_non_stream_answer_that_broke_off_is_started_over(app: TestApp) {
+    let (_, key) = key_for(&app).await;
+    let script = Script::words(6, Duration::ZERO);
+    app.provider.stream(script.clone());
+    app.provider.then(Fault::DropAfter(2));
+    let r = complete(&app, &key, hello(false)).await;
+    r.assert_status(StatusCode::OK);
+    assert_eq!(r.body["choices"][0]["message"]["content"], script.text(), "{}", r.text);
+    assert_eq!(app.provider.request_count(), 2);
+
+    app.provider.then(Fault::DropAfter(1));
+    let body = json!({ "model": DEFAULT_MODEL, "input": "hello" });
+    let r = app.post("/v1/responses").bearer_auth(&key).json(&body).fetch().await;
+    r.assert_status(StatusCode::OK);
+    assert_eq!(r.body["output"][0]["content"][0]["text"], script.text(), "{}", r.text);
+    assert_eq!(app.provider.request_count(), 4);
+
+    // Streamed, the text already went out: a break ends the stream.
+    app.provider.then(Fault::DropAfter(2));
+    let r = complete(&app, &key, hello(true)).await;
+    assert!(r.text.contains("\"error\""), "{}", r.text);
+    assert_eq!(app.provider.request_count(), 5);
 }
 
 async fn responses_answer_text_and_stream_events(app: TestApp) {

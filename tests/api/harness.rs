@@ -414,6 +414,9 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
         .env("PALAVER_HEADER_READ_TIMEOUT", settings.server.header_read_timeout.to_string())
         .env("PALAVER_IDLE_TIMEOUT", settings.server.idle_timeout.to_string())
         .env("PALAVER_REGISTRATIONS_PER_IP", settings.auth.registrations_per_ip.to_string())
+        .env("PALAVER_RETENTION_SWEEP_SECS", settings.retention.retention_sweep_secs.to_string())
+        .envs(settings.retention.retention_days.map(|d| ("PALAVER_RETENTION_DAYS", d.to_string())))
+        .envs(settings.retention.support_retention_days.map(|d| ("PALAVER_SUPPORT_RETENTION_DAYS", d.to_string())))
         .env("RUST_LOG", &settings.server.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.

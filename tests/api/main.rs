@@ -30,6 +30,7 @@ mod metrics;
 mod ops;
 mod outage;
 mod refresh_races;
+mod retention;
 mod robustness;
 mod sdk;
 mod search;

@@ -31,6 +31,8 @@ async fn a_fresh_instance_shows_every_gauge_at_zero() {
         r#"palaver_open_sockets{kind="support_agent"}"#,
         "palaver_support_queue_length",
         "palaver_replies_in_flight",
+        r#"palaver_retention_deleted_total{kind="conversation"}"#,
+        r#"palaver_retention_deleted_total{kind="support_session"}"#,
     ] {
         assert_eq!(series(&text, name), Some(0.0), "{name} missing or not 0 in:\n{text}");
     }

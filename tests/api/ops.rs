@@ -123,6 +123,29 @@ async fn openapi_describes_the_api(app: TestApp) {
         );
     }
     assert!(paths["/api/auth/register"]["post"].is_object());
+    let mut refs = Vec::new();
+    collect_refs(doc, &mut refs);
+    assert!(!refs.is_empty());
+    for r in refs {
+        let pointer = r.strip_prefix('#').unwrap_or_else(|| panic!("{r} points outside the document"));
+        assert!(doc.pointer(pointer).is_some(), "{r} refers to nothing in the document");
+    }
+    let export = &paths["/api/conversations/{id}/export"]["get"]["responses"]["200"]["content"];
+    assert!(export["text/markdown"].is_object() && export["application/json"].is_object(), "{export}");
+}
+
+/// Every `$ref` in a JSON document.
+fn collect_refs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(r)) = map.get("$ref") {
+                out.push(r.clone());
+            }
+            map.values().for_each(|v| collect_refs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
 }
 
 /// `src`/`href` values in an HTML page.

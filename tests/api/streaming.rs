@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::helpers::{
     Fetch, SseEvent, SseStream, TestApp, TestUser, assert_message, db_tests, delta_text, event_names,
 };
-use crate::mock_llm::{MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script, StreamEnd};
+use crate::mock_llm::{Fault, MOCK_COMPLETION_TOKENS, MOCK_PROMPT_TOKENS, Script, StreamEnd};
 
 db_tests!(
     message_stream_events_come_in_order_with_byte_offset_ids,
@@ -19,6 +19,7 @@ db_tests!(
     a_provider_failure_ends_the_stream_with_an_error_event,
     a_provider_silent_mid_stream_ends_it_with_provider_timeout,
     a_provider_dropping_mid_stream_ends_it_with_provider_error,
+    a_plain_answer_that_broke_off_is_started_over,
     a_client_that_disconnects_does_not_stop_the_reply,
     a_resume_after_each_phase_gets_exactly_what_was_missed,
     a_finished_reply_replays_whole,
@@ -202,6 +203,38 @@ async fn a_provider_dropping_mid_stream_ends_it_with_provider_error(app: TestApp
     let reply = latest_reply(&app, &user, &conversation).await;
     assert_eq!(reply["status"], "failed", "{reply}");
     assert_eq!(reply["content"], script.text(), "{reply}");
+}
+
+/// SPEC §6: a JSON send shows nothing before the end, so a stream that
+/// breaks off mid-answer is started over (then falls back) like a refused
+/// connection, and only a break on every try fails the reply.
+async fn a_plain_answer_that_broke_off_is_started_over(app: TestApp) {
+    let user = app.signup().await;
+    let conversation = app.new_conversation(&user).await;
+    let script = Script::words(6, Duration::ZERO);
+    app.provider.stream(script.clone());
+    app.provider.then(Fault::DropAfter(2));
+    let sent = app.say(&user, &conversation, "Tell me everything").await;
+    let reply = &sent["assistant_message"];
+    assert_eq!(reply["status"], "complete", "{sent}");
+    assert_eq!(reply["content"], script.text(), "no text of the broken try is kept twice");
+    assert_eq!(app.provider.request_count(), 2);
+    let stored = latest_reply(&app, &user, &conversation).await;
+    assert_eq!((stored["status"].clone(), stored["content"].clone()), (json!("complete"), reply["content"].clone()));
+
+    // Breaking off every time: the first try and the two retries, then failed.
+    app.provider.always(Fault::DropAfter(1));
+    let r = app
+        .post(&format!("/api/conversations/{conversation}/messages"))
+        .bearer_auth(&user.token)
+        .json(&json!({ "content": "Again" }))
+        .fetch()
+        .await;
+    r.assert_error(StatusCode::BAD_GATEWAY, "provider_error");
+    assert_eq!(app.provider.request_count(), 5);
+    let stored = latest_reply(&app, &user, &conversation).await;
+    assert_eq!(stored["status"], "failed", "{stored}");
+    assert_eq!(stored["content"], "wörd 0 ", "the last try's text is kept");
 }
 
 async fn a_client_that_disconnects_does_not_stop_the_reply(app: TestApp) {

@@ -55,6 +55,18 @@ impl SearchTerm {
         out
     }
 
+    /// Whether `content` contains the term (as `snippet` finds it), without
+    /// building a snippet: how the candidates beyond a page are counted.
+    pub fn matches(&self, content: &str) -> bool {
+        if content.is_ascii() {
+            // ASCII folds to ASCII lowercase, so no folded copy is needed;
+            // a term whose folded form is not ASCII cannot be in it.
+            let (hay, needle) = (content.as_bytes(), self.folded.as_bytes());
+            return self.folded.is_ascii() && hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+        }
+        fold(content).contains(&self.folded)
+    }
+
     /// The snippet around the first match in `content`, or `None` when the
     /// content does not contain the term (the exact check on candidates).
     pub fn snippet(&self, content: &str) -> Option<String> {
@@ -120,6 +132,17 @@ mod tests {
         assert!(SearchTerm::parse("%").unwrap().snippet("100%").is_some());
         assert!(SearchTerm::parse("a OR b").unwrap().snippet("a or b!").is_some());
         assert!(SearchTerm::parse("a OR b").unwrap().snippet("a b").is_none());
+    }
+
+    #[test]
+    fn matches_agrees_with_snippet() {
+        let contents = ["plain ascii text", "MIXED Case Text", "à l'école", "İx", "Kelvin \u{212A}", "", "a_c 100%"];
+        for term in ["text", "CASE", "École", "x", "i", "k", "_c", "%", "zzz", "İ"] {
+            let t = SearchTerm::parse(term).unwrap();
+            for c in contents {
+                assert_eq!(t.matches(c), t.snippet(c).is_some(), "{term:?} in {c:?}");
+            }
+        }
     }
 
     #[test]

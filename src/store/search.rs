@@ -89,11 +89,14 @@ impl Store {
         // Rows stream by: only the page's hits are kept, whatever the candidates weigh.
         while let Some(row) = rows.try_next().await.map_err(map_err)? {
             let content: String = get(&row, "content").map_err(map_err)?;
-            let Some(snippet) = term.snippet(&content) else { continue };
+            if !term.matches(&content) {
+                continue;
+            }
             total += 1;
             if total <= offset || hits.len() as i64 >= limit {
                 continue;
             }
+            let snippet = term.snippet(&content).unwrap_or_default();
             let session_id = match scope {
                 SearchScope::Owner(_) => None,
                 SearchScope::SupportDesk => Some(get(&row, "session_id").map_err(map_err)?),

@@ -32,6 +32,11 @@ impl SearchTerm {
         &self.text
     }
 
+    /// The term case-folded, as matches compare it.
+    pub fn folded(&self) -> &str {
+        &self.folded
+    }
+
     /// Whether the trigram indexes can find candidates for this term.
     pub fn is_indexable(&self) -> bool {
         char_len(&self.text) >= INDEXED_TERM_CHARS

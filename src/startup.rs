@@ -180,6 +180,7 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         replies: Default::default(),
         settings: settings.chat.clone(),
         gateway_usage: Default::default(),
+        history: Default::default(),
     });
     let desk = Arc::new(crate::desk::Desk::new(
         chat.clone(),

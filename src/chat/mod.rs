@@ -18,6 +18,7 @@
 
 mod follow;
 mod generate;
+mod history;
 mod live;
 mod relay;
 mod send;
@@ -26,6 +27,7 @@ pub mod usage;
 use std::sync::Arc;
 
 pub use generate::provider_error_code;
+pub use history::HistoryCache;
 pub use live::{LiveReply, Replies, ReplyEvent};
 pub use relay::{Caller, GatewayUsage, RelayStream};
 pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send_hash};
@@ -43,4 +45,6 @@ pub struct Chat {
     pub settings: ChatSettings,
     /// `/v1` usage not yet written.
     pub gateway_usage: GatewayUsage,
+    /// Conversations' recent history, so a reply's context reads only what is new.
+    pub history: HistoryCache,
 }

@@ -209,18 +209,34 @@ impl Chat {
         model: &ModelId,
         upto_seq: i64,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let messages = self.store.messages_upto(&conversation.id, upto_seq, HISTORY_SCAN).await?;
-        let history: Vec<ChatMessage> = messages
-            .into_iter()
-            .filter(|m| m.role == MessageRole::User || (m.status == MessageStatus::Complete && !m.content.is_empty()))
-            .map(|m| {
+        // What is kept of the history, then what was stored since.
+        let (mut turns, known) = self.history.get(&conversation.id, upto_seq);
+        let fresh = self.store.messages_between(&conversation.id, known, upto_seq, HISTORY_SCAN).await?;
+        if fresh.len() as i64 == HISTORY_SCAN {
+            turns.clear();
+        }
+        // The tail can be kept up to the first message still being written.
+        let mut complete_upto = known;
+        let mut all_final = true;
+        for m in fresh {
+            let streaming = m.role == MessageRole::Assistant && m.status == MessageStatus::Streaming;
+            all_final &= !streaming;
+            if all_final {
+                complete_upto = m.seq;
+            }
+            if m.role == MessageRole::User || (m.status == MessageStatus::Complete && !m.content.is_empty()) {
                 let role = match m.role {
                     MessageRole::User => ChatRole::User,
                     MessageRole::Assistant | MessageRole::Agent => ChatRole::Assistant,
                 };
-                ChatMessage::new(role, m.content)
-            })
-            .collect();
+                turns.push((m.seq, ChatMessage::new(role, m.content)));
+            }
+        }
+        if complete_upto > known {
+            let complete = turns.partition_point(|(seq, _)| *seq <= complete_upto);
+            self.history.put(&conversation.id, complete_upto, &turns[..complete], HISTORY_SCAN as usize);
+        }
+        let history: Vec<ChatMessage> = turns.into_iter().map(|(_, m)| m).collect();
         Ok(fit_history(
             conversation.system_prompt.as_deref(),
             &history,

@@ -512,13 +512,26 @@ impl Store {
         upto_seq: i64,
         limit: i64,
     ) -> StoreResult<Vec<MessageRecord>> {
+        self.messages_between(conversation_id, 0, upto_seq, limit).await
+    }
+
+    /// The newest `limit` messages with `after_seq < seq <= upto_seq`, in order.
+    pub async fn messages_between(
+        &self,
+        conversation_id: &str,
+        after_seq: i64,
+        upto_seq: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<MessageRecord>> {
         let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq <= $2 ORDER BY seq DESC LIMIT $3"
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq > $4 AND seq <= $2 \
+             ORDER BY seq DESC LIMIT $3"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(conversation_id)
             .bind(upto_seq)
             .bind(limit)
+            .bind(after_seq)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;

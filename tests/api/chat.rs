@@ -32,6 +32,7 @@ db_tests!(
     without_a_provider_the_offline_model_answers_deterministically,
     concurrent_sends_to_one_conversation_each_get_their_own_answer,
     a_stream_that_stalls_after_some_text_times_out_with_the_attempt,
+    every_reply_sees_the_whole_history_including_what_another_writer_stored,
 );
 
 fn usage() -> Value {
@@ -564,4 +565,38 @@ async fn a_stream_that_stalls_after_some_text_times_out_with_the_attempt(mut app
     let reply = &response.body["assistant_message"];
     assert_eq!(reply["status"], "failed");
     assert!(reply["content"].as_str().unwrap().starts_with("wörd 0"), "the text so far is kept: {reply}");
+}
+
+/// The context a reply sees is the whole history up to its question, in
+/// order — with the history kept between replies, also what was stored
+/// since by someone else (another instance; here straight in the database),
+/// and without the replies that failed.
+async fn every_reply_sees_the_whole_history_including_what_another_writer_stored(app: TestApp) {
+    let user = app.signup().await;
+    let id = app.new_conversation(&user).await;
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for i in 0..6 {
+        let question = format!("question {i}");
+        let sent = app.say(&user, &id, &question).await;
+        expected.push(("user".into(), question));
+        assert_eq!(app.provider.last_request().messages(), expected, "reply {i}");
+        expected.push(("assistant".into(), sent["assistant_message"]["content"].as_str().unwrap().to_owned()));
+    }
+    // Another writer adds a user message with the next sequence number.
+    app.database
+        .execute(
+            "INSERT INTO messages (id, conversation_id, role, content, status, usage_estimated, created_at, updated_at, seq) \
+             SELECT $2, $1, 'user', 'written elsewhere', 'complete', 0, 1, 1, last_seq + 1 FROM conversations WHERE id = $1",
+            &[&id, "00000000-0000-0000-0000-0000000e1se1"],
+        )
+        .await;
+    app.database.execute("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1", &[&id]).await;
+    expected.push(("user".into(), "written elsewhere".into()));
+    // A failed reply is not part of any later context.
+    app.provider.then(crate::mock_llm::Fault::Status(400));
+    app.post_message(&user, &id, json!({ "content": "this one fails" })).await.assert_status(StatusCode::BAD_GATEWAY);
+    expected.push(("user".into(), "this one fails".into()));
+    app.say(&user, &id, "last one").await;
+    expected.push(("user".into(), "last one".into()));
+    assert_eq!(app.provider.last_request().messages(), expected);
 }

@@ -109,11 +109,11 @@ async fn palaver_phases(
     let mut short = Vec::new();
     for i in 0..SHORT_CONVERSATIONS {
         let id = create_conversation(&http, &base, &token, &format!("short {i}")).await?;
-        seed(&server.db_url, engine, &id, SHORT_HISTORY).await?;
+        common::seed_messages(&server.db_url, engine, &id, SHORT_HISTORY).await?;
         short.push(id);
     }
     let long = create_conversation(&http, &base, &token, "long").await?;
-    seed(&server.db_url, engine, &long, LONG_HISTORY).await?;
+    common::seed_messages(&server.db_url, engine, &long, LONG_HISTORY).await?;
     let messages = |ids: &[String]| ids.iter().map(|id| format!("/api/conversations/{id}/messages")).collect();
 
     let send = Arc::new(Call::send("send", server.addr, messages(&fresh), auth.clone(), false));
@@ -330,33 +330,6 @@ async fn create_conversation(http: &reqwest::Client, base: &str, token: &str, ti
         .json()
         .await?;
     Ok(created["id"].as_str().ok_or_else(|| anyhow::anyhow!("no conversation: {created}"))?.to_owned())
-}
-
-/// `n` alternating user and assistant messages in conversation `id`, by bulk
-/// SQL straight into the database (as `examples/export_bench.rs` seeds).
-async fn seed(url: &str, engine: &str, id: &str, n: i64) -> anyhow::Result<()> {
-    let generate = if engine == "sqlite" {
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)"
-    } else {
-        "WITH n(i) AS (SELECT generate_series(1, CAST($2 AS BIGINT)))"
-    };
-    // About 300 bytes a message: a typical chat turn.
-    let insert = format!(
-        "{generate} INSERT INTO messages (id, conversation_id, role, content, status, usage_estimated, \
-         created_at, updated_at, seq) SELECT $1 || '-' || CAST(i AS TEXT), $1, \
-         CASE WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END, \
-         'message ' || CAST(i AS TEXT) || ' {filler}', 'complete', 0, 1700000000000 + i, 1700000000000 + i, i FROM n",
-        filler = "lorem ipsum dolor sit amet ".repeat(10)
-    );
-    let mut conn = sqlx::AnyConnection::connect(url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(insert)).bind(id).bind(n).execute(&mut conn).await?;
-    sqlx::query("UPDATE conversations SET message_count = $2, last_seq = $2 WHERE id = $1")
-        .bind(id)
-        .bind(n)
-        .execute(&mut conn)
-        .await?;
-    let _ = conn.close().await;
-    Ok(())
 }
 
 /// The `palaver serve` child on a fresh SQLite file or PostgreSQL schema.

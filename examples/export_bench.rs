@@ -10,6 +10,8 @@
 //! PALAVER_BENCH_POSTGRES_URL, default the local `test` database, in a fresh
 //! schema it drops afterwards). Run through bench/export_bench.sh.
 
+mod common;
+
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -66,27 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let cid = created["id"].as_str().ok_or_else(|| anyhow::anyhow!("no conversation: {created}"))?.to_owned();
 
     let seeded = Instant::now();
-    let generate = if engine == "sqlite" {
-        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)"
-    } else {
-        "WITH n(i) AS (SELECT generate_series(1, CAST($2 AS BIGINT)))"
-    };
-    // About 300 bytes a message: a typical chat turn.
-    let insert = format!(
-        "{generate} INSERT INTO messages (id, conversation_id, role, content, status, usage_estimated, \
-         created_at, updated_at, seq) SELECT $1 || '-' || CAST(i AS TEXT), $1, \
-         CASE WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END, \
-         'message ' || CAST(i AS TEXT) || ' {filler}', 'complete', 0, 1700000000000 + i, 1700000000000 + i, i FROM n",
-        filler = "lorem ipsum dolor sit amet ".repeat(10)
-    );
-    let mut conn = sqlx::AnyConnection::connect(&url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(insert)).bind(&cid).bind(n).execute(&mut conn).await?;
-    sqlx::query("UPDATE conversations SET message_count = $2, last_seq = $2 WHERE id = $1")
-        .bind(&cid)
-        .bind(n)
-        .execute(&mut conn)
-        .await?;
-    let _ = conn.close().await;
+    common::seed_messages(&url, &engine, &cid, n).await?;
     eprintln!("{engine}: seeded {n} messages in {:.1} s", seeded.elapsed().as_secs_f64());
 
     println!("| engine | messages | format | bytes | seconds | RSS before MB | peak RSS growth MB |");

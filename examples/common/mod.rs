@@ -4,6 +4,7 @@
 // Each bench uses only part of this module.
 #![allow(dead_code)]
 
+use sqlx::Connection;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -422,4 +423,32 @@ pub fn start_perf(pid: u32, out: &str, duration: Duration) -> anyhow::Result<tok
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?)
+}
+
+/// `n` alternating user and assistant messages of about 300 bytes in
+/// conversation `id`, by bulk SQL straight into the database (`engine`:
+/// `sqlite` or `postgres`), with the conversation's counters set to match.
+pub async fn seed_messages(url: &str, engine: &str, id: &str, n: i64) -> anyhow::Result<()> {
+    let generate = if engine == "sqlite" {
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2)"
+    } else {
+        "WITH n(i) AS (SELECT generate_series(1, CAST($2 AS BIGINT)))"
+    };
+    // About 300 bytes a message: a typical chat turn.
+    let insert = format!(
+        "{generate} INSERT INTO messages (id, conversation_id, role, content, status, usage_estimated, \
+         created_at, updated_at, seq) SELECT $1 || '-' || CAST(i AS TEXT), $1, \
+         CASE WHEN i % 2 = 1 THEN 'user' ELSE 'assistant' END, \
+         'message ' || CAST(i AS TEXT) || ' {filler}', 'complete', 0, 1700000000000 + i, 1700000000000 + i, i FROM n",
+        filler = "lorem ipsum dolor sit amet ".repeat(10)
+    );
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(insert)).bind(id).bind(n).execute(&mut conn).await?;
+    sqlx::query("UPDATE conversations SET message_count = $2, last_seq = $2 WHERE id = $1")
+        .bind(id)
+        .bind(n)
+        .execute(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(())
 }

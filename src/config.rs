@@ -114,6 +114,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub retention: RetentionSettings,
+
+    #[command(flatten)]
+    pub limits: LimitSettings,
 }
 
 /// The server itself: where it listens and keeps its data, the database and
@@ -358,6 +361,30 @@ pub struct RetentionSettings {
     /// Seconds between two sweeps for data past its retention.
     #[arg(long, env = "PALAVER_RETENTION_SWEEP_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
     pub retention_sweep_secs: u64,
+}
+
+/// Rate limits and token budgets (SPEC §6).
+#[derive(Debug, Clone, Args)]
+pub struct LimitSettings {
+    /// Requests per minute one user may make to the chat paths (`/api`
+    /// sends, `/v1`); unset: no limit. A key's own `rpm` applies as well.
+    #[arg(long, env = "PALAVER_RATE_LIMIT_RPM", value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub rate_limit_rpm: Option<u32>,
+
+    /// Tokens reserved for the answer of a budgeted request that names no
+    /// `max_tokens` (its answer is capped to it); the prompt's estimate is
+    /// reserved on top.
+    #[arg(long, env = "PALAVER_BUDGET_DEFAULT_RESERVE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub budget_default_reserve: u32,
+
+    /// How long a reservation lives if its request never settles it (a
+    /// crashed instance), in seconds. Keep it above the longest answer.
+    #[arg(long, env = "PALAVER_BUDGET_RESERVATION_TTL", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
+    pub budget_reservation_ttl: u64,
+
+    /// Tokens per UTC day the support desk's AI may spend; unset: no limit.
+    #[arg(long, env = "PALAVER_SUPPORT_TOKEN_BUDGET", value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub support_token_budget: Option<u64>,
 }
 
 /// A proxy address (`10.1.2.3`, `::1`) or range (`10.0.0.0/8`).

@@ -20,6 +20,9 @@ pub enum Error {
     /// A limit was reached; the client may retry after this many seconds.
     #[error("{detail}")]
     RateLimited { code: &'static str, detail: String, retry_after_secs: u64 },
+    /// A rate limit or token budget refused the request.
+    #[error(transparent)]
+    Limits(#[from] crate::quota::QuotaError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

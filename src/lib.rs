@@ -19,6 +19,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod providers;
+pub mod quota;
 pub mod redis_link;
 pub mod retention;
 pub mod startup;

@@ -181,6 +181,13 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
         settings: settings.chat.clone(),
         gateway_usage: Default::default(),
         history: Default::default(),
+        quota: crate::quota::Quota::new(
+            store.clone(),
+            clock.clone(),
+            ids.clone(),
+            settings.limits.clone(),
+            redis.clone().map(|client| crate::quota::SharedBudgets::new(client, &settings.server.redis_prefix)),
+        ),
     });
     let desk = Arc::new(crate::desk::Desk::new(
         chat.clone(),

@@ -18,7 +18,7 @@ use crate::{
     domain::user::{DisplayName, Email, Password, Role, Username},
     error::{Error, Result},
     ids::Ids,
-    store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, UserRecord},
+    store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, TokenBudget, UserRecord},
 };
 use key_cache::KeyCache;
 
@@ -140,6 +140,35 @@ impl Accounts {
         let deleted = self.store.delete_api_key(user_id, id).await?;
         self.key_cache.announce().await;
         if deleted { Ok(()) } else { Err(Error::NotFound) }
+    }
+
+    /// Sets (or with `None` removes) a user's token budget.
+    pub async fn set_user_budget(&self, user_id: &str, budget: Option<TokenBudget>) -> Result<UserRecord> {
+        if !self.store.set_user_budget(user_id, budget, self.clock.now_ms()).await? {
+            return Err(Error::NotFound);
+        }
+        self.key_cache.announce().await;
+        self.store.user_by_id(user_id).await?.ok_or(Error::NotFound)
+    }
+
+    /// A key its owner or an admin may change (404 for anyone else).
+    pub async fn key_for(&self, caller: &UserRecord, id: &str) -> Result<ApiKeyRecord> {
+        match self.store.api_key(id).await? {
+            Some(k) if k.user_id == caller.id || caller.role == Role::Admin => Ok(k),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    /// Sets a key's budget and requests per minute.
+    pub async fn set_key_limits(
+        &self,
+        key: &ApiKeyRecord,
+        budget: Option<TokenBudget>,
+        rpm: Option<i64>,
+    ) -> Result<ApiKeyRecord> {
+        self.store.set_key_limits(&key.id, budget, rpm).await?;
+        self.key_cache.announce().await;
+        self.store.api_key(&key.id).await?.ok_or(Error::NotFound)
     }
 
     /// Sets (or clears) the user's display name.

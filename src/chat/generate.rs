@@ -24,6 +24,7 @@ impl Chat {
         model: ModelId,
         conversation: ConversationRecord,
         upto_seq: i64,
+        (reservation, max_tokens): (crate::quota::Reservation, Option<u32>),
     ) {
         let live = Arc::new(LiveReply::new(&placeholder.id, &placeholder.conversation_id, user_id));
         self.replies.live.lock().expect("replies lock poisoned").insert(live.message_id.clone(), live.clone());
@@ -34,7 +35,7 @@ impl Chat {
             let _counted = counted;
             let heartbeat = tokio::spawn(chat.clone().keep_alive(live.clone()));
             let (outcome, answered_by) = match chat.build_context(&conversation, &model, upto_seq).await {
-                Ok(context) => chat.generate(&live, &model, context).await,
+                Ok(context) => chat.generate(&live, &model, context, max_tokens).await,
                 Err(e) => (
                     Outcome::Failed {
                         code: "context_unavailable",
@@ -45,6 +46,11 @@ impl Chat {
             };
             heartbeat.abort();
             let message = chat.finalize(&live, base, &answered_by, outcome).await;
+            // A reply that ended without usage spent about what it wrote.
+            let completion = message
+                .completion_tokens
+                .unwrap_or_else(|| crate::domain::context::estimate_tokens(&message.content) as i64);
+            reservation.settle(&answered_by.to_string(), message.prompt_tokens.unwrap_or(0), completion);
             live.finish(Arc::new(message));
             chat.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
         });
@@ -88,8 +94,14 @@ impl Chat {
     /// fallback models are the provider layer's; this answers which model
     /// replied. A stream that breaks off while no follower shows the text (a
     /// plain JSON request) starts over as the provider layer allows.
-    async fn generate(&self, live: &LiveReply, model: &ModelId, context: Vec<ChatMessage>) -> (Outcome, ModelId) {
-        let options = ChatOptions::default();
+    async fn generate(
+        &self,
+        live: &LiveReply,
+        model: &ModelId,
+        context: Vec<ChatMessage>,
+        max_tokens: Option<u32>,
+    ) -> (Outcome, ModelId) {
+        let options = ChatOptions { max_tokens, ..Default::default() };
         let mut restarts = Restarts::new(model);
         let mut restart_after: Option<Duration> = None;
         loop {

@@ -26,10 +26,12 @@ pub mod usage;
 
 use std::sync::Arc;
 
+/// Who a gateway call counts against, with their limits.
+pub use crate::quota::Payer as Caller;
 pub use generate::provider_error_code;
 pub use history::HistoryCache;
 pub use live::{LiveReply, Replies, ReplyEvent};
-pub use relay::{Caller, GatewayUsage, RelayStream};
+pub use relay::{GatewayUsage, RelayStream};
 pub use send::{SendRequest, Sent, StoreSend, Stored, Target, send_hash};
 
 use crate::{clock::Clock, config::ChatSettings, ids::Ids, providers::Providers, store::Store};
@@ -47,4 +49,6 @@ pub struct Chat {
     pub gateway_usage: GatewayUsage,
     /// Conversations' recent history, so a reply's context reads only what is new.
     pub history: HistoryCache,
+    /// Rate limits and token budgets, checked before every provider call.
+    pub quota: Arc<crate::quota::Quota>,
 }

@@ -13,20 +13,16 @@ use std::{
 
 use futures::Stream;
 
-use super::Chat;
+use super::{Caller, Chat};
 use crate::{
-    domain::{context::ChatMessage, conversation::ModelId},
+    domain::{
+        context::{ChatMessage, message_tokens},
+        conversation::ModelId,
+    },
     providers::{ChatEvent, ChatOptions, Completion, ProviderError, ReplyStream},
+    quota::{Admission, QuotaError, Reservation},
     store::{ApiUsageCounts, ApiUsageKey, UsagePeriod},
 };
-
-/// Who a gateway call counts against.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub user_id: String,
-    /// The API key used; `None` for an access token.
-    pub key_id: Option<String>,
-}
 
 /// Gateway usage not yet written.
 #[derive(Default, Clone)]
@@ -49,18 +45,41 @@ impl GatewayUsage {
 }
 
 impl Chat {
-    /// Starts a gateway reply. The stream is the provider layer's (deltas,
-    /// tool-call deltas, one `Finish`, one `Usage`); its usage is counted
-    /// against the caller when it arrives.
+    /// Admits a gateway call against the caller's limits: with a budget, its
+    /// worst case (the prompt's estimate plus `max_tokens`, which defaults to
+    /// the configured reserve and caps the answer) is reserved.
+    pub async fn admit_relay(
+        &self,
+        caller: &Caller,
+        messages: &[ChatMessage],
+        options: &mut ChatOptions,
+    ) -> Result<Admission, QuotaError> {
+        let mut tokens = 0;
+        if self.quota.budgeted(caller) {
+            let cap = *options.max_tokens.get_or_insert(self.quota.default_reserve());
+            tokens = messages.iter().map(message_tokens).sum::<usize>() as i64 + i64::from(cap);
+        }
+        self.quota.admit(caller, tokens).await
+    }
+
+    /// Starts an admitted gateway reply. The stream is the provider layer's
+    /// (deltas, tool-call deltas, one `Finish`, one `Usage`); its usage is
+    /// counted against the caller, and settles the reservation, when it arrives.
     pub async fn relay(
         self: &Arc<Self>,
         caller: &Caller,
         model: &ModelId,
         messages: Vec<ChatMessage>,
         options: ChatOptions,
+        reservation: Reservation,
     ) -> Result<RelayStream, ProviderError> {
         let inner = self.providers.stream_with(model, messages, options).await?;
-        Ok(RelayStream { inner, chat: self.clone(), caller: caller.clone() })
+        Ok(RelayStream {
+            inner,
+            chat: self.clone(),
+            caller: Box::new(caller.clone()),
+            reservation: Arc::new(Mutex::new(Some(reservation))),
+        })
     }
 
     /// A whole gateway reply, for a non-stream request: nothing is shown
@@ -72,9 +91,18 @@ impl Chat {
         model: &ModelId,
         messages: Vec<ChatMessage>,
         options: ChatOptions,
+        reservation: Reservation,
     ) -> Result<Completion, ProviderError> {
         let first = self.providers.stream_with(model, messages.clone(), options.clone()).await?;
-        let wrap = |inner| RelayStream { inner, chat: self.clone(), caller: caller.clone() };
+        // Every try holds the one reservation: the try that reports usage
+        // settles it; a try that broke off leaves it to the next.
+        let reservation = Arc::new(Mutex::new(Some(reservation)));
+        let wrap = |inner| RelayStream {
+            inner,
+            chat: self.clone(),
+            caller: Box::new(caller.clone()),
+            reservation: reservation.clone(),
+        };
         self.providers.collect_restarting(model, first, &messages, &options, wrap).await
     }
 
@@ -106,7 +134,10 @@ impl Chat {
 pub struct RelayStream {
     inner: ReplyStream,
     chat: Arc<Chat>,
-    caller: Caller,
+    caller: Box<Caller>,
+    /// Settled by the usage; dropped unsettled (given back) without it. The
+    /// tries of one non-stream reply share it.
+    reservation: Arc<Mutex<Option<Reservation>>>,
 }
 
 impl RelayStream {
@@ -131,6 +162,11 @@ impl Stream for RelayStream {
             };
             self.chat.gateway_usage.add(key, u.prompt_tokens, u.completion_tokens);
             self.chat.replies.usage.defer(&self.caller.user_id, now, u.prompt_tokens, u.completion_tokens);
+            let model = self.inner.model().to_string();
+            let reservation = self.reservation.lock().expect("reservation lock poisoned").take();
+            if let Some(r) = reservation {
+                r.settle(&model, u.prompt_tokens, u.completion_tokens);
+            }
         }
         next
     }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use super::Chat;
 use crate::{
     domain::{
-        context::{ChatMessage, ChatRole, fit_history},
+        context::{ChatMessage, ChatRole, fit_history, message_tokens},
         conversation::{MessageContent, MessageRole, MessageStatus, ModelId, Title},
     },
     error::Error,
@@ -28,7 +28,8 @@ pub enum Target {
 }
 
 pub struct SendRequest {
-    pub user_id: String,
+    /// Who sends (and pays, with their limits).
+    pub payer: crate::quota::Payer,
     pub target: Target,
     pub content: MessageContent,
     pub model: Option<ModelId>,
@@ -44,6 +45,8 @@ pub struct Sent {
     pub fresh: bool,
     pub user_message: MessageRecord,
     pub assistant_message: MessageRecord,
+    /// The sender's limits as the answer tells them.
+    pub limits: crate::quota::LimitState,
 }
 
 /// One message to store, with or without a reply to generate.
@@ -90,9 +93,10 @@ impl Chat {
     /// same idempotency key returns the original messages and starts nothing.
     pub async fn send(self: &Arc<Self>, req: SendRequest) -> Result<Sent, Error> {
         let model = self.answering_model(req.model.as_ref(), &req.target);
+        let (admission, max_tokens) = self.admit_send(&req, &model).await?;
         let stored = self
             .store_send(StoreSend {
-                owner: &req.user_id,
+                owner: &req.payer.user_id,
                 target: &req.target,
                 content: req.content.as_str(),
                 request_hash: request_hash(&req),
@@ -106,10 +110,11 @@ impl Chat {
         if stored.fresh {
             self.start_generation(
                 &assistant_message,
-                &req.user_id,
+                &req.payer.user_id,
                 model,
                 stored.conversation,
                 stored.user_message.seq,
+                (admission.reservation, max_tokens),
             );
         }
         Ok(Sent {
@@ -117,7 +122,33 @@ impl Chat {
             fresh: stored.fresh,
             user_message: stored.user_message,
             assistant_message,
+            limits: admission.state,
         })
+    }
+
+    /// Admits a send against the sender's limits. With a budget its worst
+    /// case is reserved — the context it will send (history read now, plus
+    /// the new message) and the configured reserve, which then caps the answer.
+    async fn admit_send(
+        &self,
+        req: &SendRequest,
+        model: &ModelId,
+    ) -> Result<(crate::quota::Admission, Option<u32>), Error> {
+        if !self.quota.budgeted(&req.payer) {
+            return Ok((self.quota.admit(&req.payer, 0).await?, None));
+        }
+        let cap = self.quota.default_reserve();
+        let history = match &req.target {
+            Target::Existing(c) => self.build_context(c, model, i64::MAX).await?,
+            Target::New => Vec::new(),
+        };
+        let prompt: usize = history
+            .iter()
+            .chain(std::iter::once(&ChatMessage::new(ChatRole::User, req.content.as_str().to_owned())))
+            .map(message_tokens)
+            .sum();
+        let admission = self.quota.admit(&req.payer, prompt as i64 + i64::from(cap)).await?;
+        Ok((admission, Some(cap)))
     }
 
     /// The one idempotent write of every send (chat, socket, support): the key

@@ -254,7 +254,7 @@ impl Desk {
         let sent = self
             .chat
             .send(SendRequest {
-                user_id: SUPPORT_USER_ID.to_owned(),
+                payer: crate::quota::Payer { user_id: SUPPORT_USER_ID.to_owned(), ..Default::default() },
                 target: Target::Existing(conversation),
                 content,
                 model: None,

@@ -11,8 +11,9 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, PageQuery, Pagination, UuidPath},
-    views::{AdminUserView, ErrorBody, Page},
+    extract::{ApiJson, AuthUser, PageQuery, Pagination, UuidPath, nullable_integer},
+    usage::budget_change,
+    views::{AdminUserView, BudgetPeriod, ErrorBody, Page},
 };
 use crate::domain::{Validator, user::Role};
 
@@ -41,9 +42,15 @@ pub struct UpdateUserBody {
     pub role: Option<String>,
     /// A disabled user cannot log in and their live tokens stop working.
     pub disabled: Option<bool>,
+    /// Tokens per `budget_period`, 0 or more; null removes the budget.
+    #[serde(default, deserialize_with = "nullable_integer")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
+    pub token_budget: Option<Option<i64>>,
+    /// `day` (the default) or `month`.
+    pub budget_period: Option<BudgetPeriod>,
 }
 
-/// Change a user's role or disable them.
+/// Change a user's role, disable them, or set their token budget.
 #[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "admin", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path)), request_body = UpdateUserBody,
     responses((status = 200, body = AdminUserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -57,10 +64,15 @@ pub async fn update_user(
     auth.require(&[Role::Admin])?;
     let mut v = Validator::new();
     let role = v.check_opt("role", body.role, |r| r.parse::<Role>()).flatten();
+    let current = state.store.user_by_id(id.one()).await?.ok_or(ApiError::NotFound)?;
+    let budget = budget_change(&mut v, body.token_budget, body.budget_period, current.token_budget);
     v.finish().map_err(ApiError::invalid)?;
     if id.one() == auth.user.id && (role.is_some() || body.disabled.is_some()) {
         return Err(ApiError::forbidden("cannot_modify_self", "You cannot change your own role or disable yourself."));
     }
-    let user = state.accounts.update_user_admin(id.one(), role, body.disabled).await?.ok_or(ApiError::NotFound)?;
+    let mut user = state.accounts.update_user_admin(id.one(), role, body.disabled).await?.ok_or(ApiError::NotFound)?;
+    if let Some(budget) = budget {
+        user = state.accounts.set_user_budget(id.one(), budget).await?;
+    }
     Ok(Json(AdminUserView::from(&user)))
 }

@@ -2,14 +2,19 @@
 
 use std::sync::Arc;
 
-use axum::{Json, extract::State, http::HeaderMap, response::Response};
+use axum::{
+    Json,
+    extract::State,
+    http::HeaderMap,
+    response::{IntoResponse, Response},
+};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{
     AppState,
     docs::IdempotencyKey,
-    error::ApiResult,
+    error::{ApiResult, with_limits},
     extract::{ApiJson, AuthUser, PageQuery, Pagination},
     send::{self, ChatBody},
     streaming,
@@ -40,18 +45,19 @@ pub async fn chat(
     auth: AuthUser,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChatBody>,
-) -> ApiResult<Json<ChatReply>> {
+) -> ApiResult<Response> {
     let sent = send::send_chat(&state, &auth, &headers, body).await?;
     let assistant = send::await_reply(&state, &sent).await?;
     let view = MessageView::from(&assistant);
-    Ok(Json(ChatReply {
+    let reply = Json(ChatReply {
         conversation_id: sent.conversation_id,
         message_id: view.id,
         reply: view.content,
         model: view.model,
         usage: view.usage,
         created_at: view.created_at,
-    }))
+    });
+    Ok(with_limits(reply.into_response(), &sent.limits))
 }
 
 /// The same, framed for `POST /api/chat/stream`.
@@ -67,7 +73,8 @@ pub async fn chat_stream(
     ApiJson(body): ApiJson<ChatBody>,
 ) -> ApiResult<Response> {
     let sent = send::send_chat(&state, &auth, &headers, body).await?;
-    Ok(streaming::send_events(state, sent, true))
+    let limits = sent.limits;
+    Ok(with_limits(streaming::send_events(state, sent, true), &limits))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -224,5 +224,6 @@ pub async fn post_message(
     ApiJson(body): ApiJson<PostMessageBody>,
 ) -> ApiResult<Response> {
     let sent = send::send_to_conversation(&state, &auth, &headers, id.one(), body.content, body.model).await?;
-    send::post_message_response(state, &headers, sent).await
+    let limits = sent.limits;
+    Ok(super::error::with_limits(send::post_message_response(state, &headers, sent).await?, &limits))
 }

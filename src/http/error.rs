@@ -4,12 +4,16 @@
 
 use axum::{
     Json,
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::{Map, Value, json};
 
-use crate::{domain::FieldError, store::StoreError};
+use crate::{
+    domain::FieldError,
+    quota::{LimitState, QuotaError, reset_text},
+    store::StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -37,6 +41,13 @@ pub enum ApiError {
     /// Rate limited; the client may retry after this many seconds.
     #[error("{detail}")]
     TooManyRequests { code: &'static str, detail: String, retry_after_secs: u64 },
+    /// A rate limit (`rate_limited`) or token budget (`budget_exceeded`)
+    /// refused the request; `limits` becomes the `x-ratelimit-*` headers.
+    #[error("{detail}")]
+    Limited { code: &'static str, detail: String, retry_after_secs: u64, limits: LimitState },
+    /// A budgeted request while the limits cannot be checked (fail closed).
+    #[error("limits unavailable")]
+    LimitsUnavailable,
     /// The reply failed (provider error, timeout, interruption); `extra`
     /// carries fields such as `user_message`.
     #[error("{detail}")]
@@ -80,7 +91,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReplyFailed { code, .. } if code == "provider_timeout" => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReplyFailed { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,7 +108,9 @@ impl ApiError {
             | ApiError::Conflict { code, .. }
             | ApiError::BadRequest { code, .. }
             | ApiError::Validation { code, .. }
-            | ApiError::TooManyRequests { code, .. } => code,
+            | ApiError::TooManyRequests { code, .. }
+            | ApiError::Limited { code, .. } => code,
+            ApiError::LimitsUnavailable => "limits_unavailable",
             ApiError::NotFound => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
@@ -121,6 +135,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => "This method is not allowed on this path.".into(),
             ApiError::ReplyFailed { detail, .. } => detail.clone(),
             ApiError::Unavailable(_) => "The service is temporarily unavailable; try again.".into(),
+            ApiError::LimitsUnavailable => {
+                "The usage limits cannot be checked right now, so budgeted requests are refused; try again shortly."
+                    .into()
+            }
             ApiError::Internal(_) => "Something went wrong on our side.".into(),
             other => other.to_string(),
         }
@@ -140,8 +158,49 @@ impl From<crate::error::Error> for ApiError {
             Error::RateLimited { code, detail, retry_after_secs } => {
                 ApiError::TooManyRequests { code, detail, retry_after_secs }
             }
+            Error::Limits(e) => e.into(),
             Error::Store(e) => e.into(),
             Error::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        let detail = e.to_string();
+        let secs = |ms: i64| (ms.max(0) as u64).div_ceil(1000).max(1);
+        match e {
+            QuotaError::RateLimited { state, wait_ms } => {
+                ApiError::Limited { code: "rate_limited", detail, retry_after_secs: secs(wait_ms), limits: state }
+            }
+            QuotaError::BudgetExceeded { state, wait_ms, .. } => {
+                ApiError::Limited { code: "budget_exceeded", detail, retry_after_secs: secs(wait_ms), limits: state }
+            }
+            QuotaError::Unavailable => ApiError::LimitsUnavailable,
+            QuotaError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// An answer with the caller's `x-ratelimit-*` headers.
+pub fn with_limits(mut response: Response, limits: &LimitState) -> Response {
+    limit_headers(response.headers_mut(), limits);
+    response
+}
+
+/// OpenAI's `x-ratelimit-*` headers for `state`: `-requests` for the rate,
+/// `-tokens` for the budget, each the tightest that applies.
+pub fn limit_headers(headers: &mut HeaderMap, state: &LimitState) {
+    for (kind, window) in [("requests", state.requests), ("tokens", state.tokens)] {
+        let Some(w) = window else { continue };
+        let values =
+            [("limit", w.limit.to_string()), ("remaining", w.remaining.to_string()), ("reset", reset_text(w.reset_ms))];
+        for (what, value) in values {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")), HeaderValue::from_str(&value))
+            {
+                headers.insert(name, value);
+            }
         }
     }
 }
@@ -177,10 +236,13 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::TooManyRequests { retry_after_secs, .. } = &self
+        if let ApiError::TooManyRequests { retry_after_secs, .. } | ApiError::Limited { retry_after_secs, .. } = &self
             && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let ApiError::Limited { limits, .. } = &self {
+            limit_headers(response.headers_mut(), limits);
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

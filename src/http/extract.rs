@@ -86,6 +86,17 @@ impl AuthUser {
             Err(ApiError::forbidden("forbidden", "Your role does not allow this."))
         }
     }
+
+    /// Who pays for what this caller asks, with the user's and the key's limits.
+    pub fn payer(&self) -> crate::quota::Payer {
+        crate::quota::Payer {
+            user_id: self.user.id.clone(),
+            user_budget: self.user.token_budget,
+            key_id: self.key.as_ref().map(|k| k.id.clone()),
+            key_budget: self.key.as_ref().and_then(|k| k.token_budget),
+            key_rpm: self.key.as_ref().and_then(|k| k.rpm),
+        }
+    }
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -337,6 +348,34 @@ where
     T: serde::Deserialize<'de>,
 {
     <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// Like `nullable`, for a whole number: JSON Schema counts `30.0` as an
+/// integer, so a client's integral float is read as one; `1.5` is refused.
+pub fn nullable_integer<'de, D>(d: D) -> Result<Option<Option<i64>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <Option<WholeNumber> as serde::Deserialize>::deserialize(d).map(|n| Some(n.map(|n| n.0)))
+}
+
+/// An integer in a JSON body, written as `30` or `30.0`.
+struct WholeNumber(i64);
+
+impl<'de> serde::Deserialize<'de> for WholeNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Number::deserialize(d)? {
+            n if n.is_i64() => Ok(WholeNumber(n.as_i64().unwrap_or_default())),
+            n => match n.as_f64() {
+                // 2^63 as f64 is out of range; below it an integral float converts exactly.
+                Some(f) if f.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) => {
+                    Ok(WholeNumber(f as i64))
+                }
+                _ => Err(D::Error::custom("must be an integer in range")),
+            },
+        }
+    }
 }
 
 /// The raw query string as a map; repeated keys keep the last value.

@@ -10,8 +10,9 @@ use super::{
     AppState,
     docs::ModelIdSchema,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, UuidPath},
-    views::{ErrorBody, Items},
+    extract::{ApiJson, AuthUser, UuidPath, nullable_integer},
+    usage::{UsageReportView, budget_change},
+    views::{BudgetPeriod, ErrorBody, Items},
 };
 use crate::{
     clock::rfc3339,
@@ -52,6 +53,14 @@ pub struct KeyView {
     pub expires_at: Option<String>,
     pub last_used_at: Option<String>,
     pub models: Option<Vec<String>>,
+    /// Tokens the key may spend per `budget_period`; null for no budget.
+    pub token_budget: Option<i64>,
+    pub budget_period: Option<BudgetPeriod>,
+    /// Requests per minute; null for no limit.
+    pub rpm: Option<i64>,
+    /// The key's usage this period (its budget's, else the day).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageReportView>,
 }
 
 impl From<&ApiKeyRecord> for KeyView {
@@ -64,6 +73,10 @@ impl From<&ApiKeyRecord> for KeyView {
             expires_at: k.expires_at.map(rfc3339),
             last_used_at: k.last_used_at.map(rfc3339),
             models: k.models.clone(),
+            token_budget: k.token_budget.map(|b| b.tokens),
+            budget_period: k.token_budget.map(|b| b.period.into()),
+            rpm: k.rpm,
+            usage: None,
         }
     }
 }
@@ -145,7 +158,56 @@ pub async fn create(
     responses((status = 200, body = Items<KeyView>), (status = 401, body = ErrorBody)))]
 pub async fn list(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Json<Items<KeyView>>> {
     let keys = state.accounts.keys(&auth.user.id).await?;
-    Ok(Json(Items { items: keys.iter().map(KeyView::from).collect() }))
+    let mut items = Vec::with_capacity(keys.len());
+    for k in &keys {
+        items.push(with_usage(&state, k).await?);
+    }
+    Ok(Json(Items { items }))
+}
+
+async fn with_usage(state: &AppState, k: &ApiKeyRecord) -> ApiResult<KeyView> {
+    let report = state.chat.quota.usage(&format!("key:{}", k.id), None, k.token_budget).await?;
+    Ok(KeyView { usage: Some(report.into()), ..KeyView::from(k) })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateKeyBody {
+    /// Tokens per `budget_period`, 0 or more; null removes the budget.
+    #[serde(default, deserialize_with = "nullable_integer")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
+    pub token_budget: Option<Option<i64>>,
+    /// `day` (the default) or `month`.
+    pub budget_period: Option<BudgetPeriod>,
+    /// Requests per minute, 1 or more; null removes the limit.
+    #[serde(default, deserialize_with = "nullable_integer")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    pub rpm: Option<Option<i64>>,
+}
+
+/// Set a key's token budget and rate limit (its owner or an admin).
+#[utoipa::path(patch, path = "/api/keys/{id}", tag = "keys", operation_id = "update_key", security(("bearer" = [])),
+    params(("id" = uuid::Uuid, Path, description = "Key id")), request_body = UpdateKeyBody,
+    responses((status = 200, body = KeyView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    auth: AuthUser,
+    id: UuidPath,
+    ApiJson(body): ApiJson<UpdateKeyBody>,
+) -> ApiResult<Json<KeyView>> {
+    let key = state.accounts.key_for(&auth.user, id.one()).await?;
+    let mut v = Validator::new();
+    let budget = budget_change(&mut v, body.token_budget, body.budget_period, key.token_budget);
+    if let Some(Some(rpm)) = body.rpm
+        && rpm < 1
+    {
+        v.error("rpm", "must be 1 or more (null removes the limit)");
+    }
+    v.finish().map_err(ApiError::invalid)?;
+    let budget = budget.unwrap_or(key.token_budget);
+    let rpm = body.rpm.unwrap_or(key.rpm);
+    let key = state.accounts.set_key_limits(&key, budget, rpm).await?;
+    Ok(Json(with_usage(&state, &key).await?))
 }
 
 /// Revoke a key: it stops working at once, on every instance.

@@ -22,6 +22,7 @@ pub mod socket;
 pub mod streaming;
 pub mod support;
 pub mod support_ws;
+pub mod usage;
 pub mod users;
 pub mod views;
 pub mod ws;
@@ -72,9 +73,11 @@ pub fn api_routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(users::me, users::update_me, users::delete_me))
         .routes(routes!(export::export_account))
         .routes(routes!(keys::create, keys::list))
-        .routes(routes!(keys::revoke))
+        .routes(routes!(keys::revoke, keys::update))
+        .routes(routes!(usage::my_usage))
         .routes(routes!(admin::list_users))
         .routes(routes!(admin::update_user))
+        .routes(routes!(usage::user_usage))
         .routes(routes!(conversations::create, conversations::list))
         .routes(routes!(conversations::get_one, conversations::update, conversations::delete))
         .routes(routes!(conversations::list_messages, conversations::post_message))

@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AppState,
-    error::ApiError,
+    error::{ApiError, limit_headers, with_limits},
     extract::{AuthUser, authenticate_key, authenticate_token, bearer},
     streaming::keepalive_every,
 };
@@ -31,6 +31,7 @@ use crate::{
         conversation::ModelId,
     },
     providers::{ChatEvent, ChatOptions, Completion, ProviderError, ResponseFormat, ToolChoice, ToolSpec, Usage},
+    quota::{Admission, LimitState},
 };
 
 /// How long a streamed answer waits for the provider before it commits to
@@ -52,11 +53,21 @@ pub struct OpenAiError {
     param: Option<String>,
     code: Option<String>,
     retry_after_secs: Option<u64>,
+    /// The caller's limits, for a refusal by one of them (boxed: most errors have none).
+    limits: Option<Box<LimitState>>,
 }
 
 impl OpenAiError {
     pub(super) fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, param: None, code: Some(code.to_owned()), retry_after_secs: None }
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: Some(code.to_owned()),
+            retry_after_secs: None,
+            limits: None,
+        }
     }
 
     pub(super) fn invalid(param: &str, message: impl Into<String>) -> Self {
@@ -108,9 +119,11 @@ impl OpenAiError {
         json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
     }
 
-    /// Refusals a retry cannot fix; the SDKs retry 408, 409, 429 and 5xx otherwise.
+    /// Refusals a retry cannot fix (a spent budget among them: it comes
+    /// back only when the period ends); the SDKs retry 408, 409, 429 and 5xx otherwise.
     fn retryable(&self) -> bool {
-        matches!(self.status.as_u16(), 408 | 409 | 429) || self.status.is_server_error()
+        self.kind != "insufficient_quota"
+            && (matches!(self.status.as_u16(), 408 | 409 | 429) || self.status.is_server_error())
     }
 }
 
@@ -125,12 +138,14 @@ impl From<ApiError> for OpenAiError {
             s if s >= 500 => "api_error",
             _ => "invalid_request_error",
         };
-        let retry_after_secs = match &e {
-            ApiError::TooManyRequests { retry_after_secs, .. } => Some(*retry_after_secs),
-            _ => None,
+        let (retry_after_secs, limits) = match &e {
+            ApiError::TooManyRequests { retry_after_secs, .. } => (Some(*retry_after_secs), None),
+            ApiError::Limited { retry_after_secs, limits, .. } => (Some(*retry_after_secs), Some(Box::new(*limits))),
+            _ => (None, None),
         };
+        let kind = if e.code() == "budget_exceeded" { "insufficient_quota" } else { kind };
         let code = if status == StatusCode::UNAUTHORIZED { "invalid_api_key".to_owned() } else { e.code().to_owned() };
-        Self { status, message: e.detail(), kind, param: None, code: Some(code), retry_after_secs }
+        Self { status, message: e.detail(), kind, param: None, code: Some(code), retry_after_secs, limits }
     }
 }
 
@@ -141,6 +156,9 @@ impl IntoResponse for OpenAiError {
         headers.insert("x-should-retry", HeaderValue::from_static(if self.retryable() { "true" } else { "false" }));
         if let Some(secs) = self.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(limits) = &self.limits {
+            limit_headers(headers, limits);
         }
         response
     }
@@ -174,7 +192,7 @@ impl FromRequestParts<Arc<AppState>> for V1Caller {
 
 impl V1Caller {
     pub(super) fn caller(&self) -> Caller {
-        Caller { user_id: self.0.user.id.clone(), key_id: self.0.key.as_ref().map(|k| k.id.clone()) }
+        self.0.payer()
     }
 
     /// The model, if it exists and this caller may use it.
@@ -492,23 +510,35 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, caller: V1Call
 }
 
 async fn completions(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1Result<Response> {
-    let req = parse_completion(&state, &caller, &body)?;
+    let mut req = parse_completion(&state, &caller, &body)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = state.clock.now_ms() / 1000;
     let chat = state.chat.clone();
     let who = caller.caller();
+    let admitted = admit(&state, &who, &req.messages, &mut req.options).await?;
+    let limits = admitted.state;
     if !req.stream {
         let reply = chat
-            .relay_complete(&who, &req.model, req.messages, req.options)
+            .relay_complete(&who, &req.model, req.messages, req.options, admitted.reservation)
             .await
             .map_err(|e| OpenAiError::from_provider(&e))?;
-        return Ok(Json(completion_json(&id, created, &reply)).into_response());
+        return Ok(with_limits(Json(completion_json(&id, created, &reply)).into_response(), &limits));
     }
-    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
+    let start = async move { chat.relay(&who, &req.model, req.messages, req.options, admitted.reservation).await };
     let started = start_within_grace(Box::pin(start)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_chunks(tx, started, id, created, req.include_usage));
-    Ok(sse_response(rx, keepalive_every(&state)))
+    Ok(with_limits(sse_response(rx, keepalive_every(&state)), &limits))
+}
+
+/// Admits a `/v1` call against the caller's rate limits and budgets.
+pub(super) async fn admit(
+    state: &AppState,
+    who: &Caller,
+    messages: &[ChatMessage],
+    options: &mut ChatOptions,
+) -> V1Result<Admission> {
+    state.chat.admit_relay(who, messages, options).await.map_err(|e| OpenAiError::from(ApiError::from(e)))
 }
 
 /// Waits a little for the reply to start, so that quick failures get their

@@ -41,6 +41,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         json!({ "status": if down.is_empty() { "ready" } else { "not_ready" }, "database": status(database_ok) });
     if let Some(ok) = redis_ok {
         body["redis"] = json!(status(ok));
+        // Budgets live in Redis: without it budgeted requests are refused.
+        body["limits"] = json!(if ok { "ok" } else { "unavailable" });
     }
     if down.is_empty() {
         return Json(body).into_response();

@@ -17,8 +17,9 @@ use serde_json::{Map, Value, json};
 
 use super::{
     AppState,
+    error::with_limits,
     openai::{
-        OpenAiError, Started, V1Caller, V1Result, body_and_model, opt_bool, opt_f64, opt_u32, parse_tool_choice,
+        OpenAiError, Started, V1Caller, V1Result, admit, body_and_model, opt_bool, opt_f64, opt_u32, parse_tool_choice,
         parse_tools, sse_response, start_within_grace, text_of, wait_started,
     },
     streaming::keepalive_every,
@@ -160,28 +161,30 @@ fn text_format(v: Option<&Value>) -> V1Result<Option<ResponseFormat>> {
 }
 
 async fn respond(state: Arc<AppState>, caller: V1Caller, body: Bytes) -> V1Result<Response> {
-    let req = parse(&state, &caller, &body)?;
+    let mut req = parse(&state, &caller, &body)?;
     let ids = Ids::new();
     let created = state.clock.now_ms() / 1000;
     let chat = state.chat.clone();
     let who = caller.caller();
     let model = req.model.to_string();
+    let admitted = admit(&state, &who, &req.messages, &mut req.options).await?;
+    let limits = admitted.state;
     let shell = Shell { id: ids.response.clone(), created, model, echo: req.echo };
     if !req.stream {
         let reply = chat
-            .relay_complete(&who, &req.model, req.messages, req.options)
+            .relay_complete(&who, &req.model, req.messages, req.options, admitted.reservation)
             .await
             .map_err(|e| OpenAiError::from_provider(&e))?;
         let output = output_items(&ids, &reply.text, &reply.tool_calls);
         let model = reply.model.to_string();
         let done = Some((&reply.usage, reply.finish_reason));
-        return Ok(Json(shell.object("completed", &model, output, done)).into_response());
+        return Ok(with_limits(Json(shell.object("completed", &model, output, done)).into_response(), &limits));
     }
-    let start = async move { chat.relay(&who, &req.model, req.messages, req.options).await };
+    let start = async move { chat.relay(&who, &req.model, req.messages, req.options, admitted.reservation).await };
     let started = start_within_grace(Box::pin(start)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(stream_events(tx, started, shell, ids));
-    Ok(sse_response(rx, keepalive_every(&state)))
+    Ok(with_limits(sse_response(rx, keepalive_every(&state)), &limits))
 }
 
 /// The ids of one response and its items.

@@ -153,7 +153,7 @@ pub async fn send_to_conversation(
     state
         .chat
         .send(replies::SendRequest {
-            user_id: auth.user.id.clone(),
+            payer: auth.payer(),
             target,
             content,
             model,
@@ -171,7 +171,7 @@ pub async fn send_chat(state: &Arc<AppState>, auth: &AuthUser, headers: &HeaderM
     state
         .chat
         .send(replies::SendRequest {
-            user_id: auth.user.id.clone(),
+            payer: auth.payer(),
             target,
             content,
             model,

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     error::{ApiError, ApiResult},
-    extract::{ApiJson, AuthUser, nullable},
+    extract::{ApiJson, AuthUser, nullable, nullable_integer},
     views::{ErrorBody, UserView},
 };
 use crate::domain::{
@@ -34,7 +34,7 @@ pub struct UpdateMeBody {
     pub password: Option<String>,
     /// Days an idle conversation is kept before it is deleted (the shorter
     /// of this and the server's `PALAVER_RETENTION_DAYS` applies); null clears it.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "nullable_integer")]
     #[schema(schema_with = super::docs::optional_retention_days)]
     pub retention_days: Option<Option<i64>>,
     /// Required with `password`.

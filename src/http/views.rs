@@ -1,7 +1,7 @@
 //! The JSON shapes the API answers with (SPEC §2, §3), built from store
 //! records. Times become RFC 3339 UTC strings here and nowhere else.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
@@ -10,7 +10,7 @@ use crate::{
         conversation::{MessageRole, MessageStatus},
         user::Role,
     },
-    store::{ConversationRecord, MessageRecord, UserRecord},
+    store::{ConversationRecord, MessageRecord, UsagePeriod, UserRecord},
 };
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -47,11 +47,19 @@ pub struct AdminUserView {
     #[serde(flatten)]
     pub user: UserView,
     pub disabled: bool,
+    /// Tokens the user may spend per `budget_period`; null for no budget.
+    pub token_budget: Option<i64>,
+    pub budget_period: Option<BudgetPeriod>,
 }
 
 impl From<&UserRecord> for AdminUserView {
     fn from(u: &UserRecord) -> Self {
-        Self { user: u.into(), disabled: u.is_disabled() }
+        Self {
+            user: u.into(),
+            disabled: u.is_disabled(),
+            token_budget: u.token_budget.map(|b| b.tokens),
+            budget_period: u.token_budget.map(|b| b.period.into()),
+        }
     }
 }
 
@@ -166,4 +174,30 @@ pub struct ErrorBody {
     pub code: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<crate::domain::FieldError>>,
+}
+
+/// A budget's period: a UTC day or month.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Day,
+    Month,
+}
+
+impl From<BudgetPeriod> for UsagePeriod {
+    fn from(p: BudgetPeriod) -> Self {
+        match p {
+            BudgetPeriod::Day => UsagePeriod::Day,
+            BudgetPeriod::Month => UsagePeriod::Month,
+        }
+    }
+}
+
+impl From<UsagePeriod> for BudgetPeriod {
+    fn from(p: UsagePeriod) -> Self {
+        match p {
+            UsagePeriod::Day => BudgetPeriod::Day,
+            UsagePeriod::Month => BudgetPeriod::Month,
+        }
+    }
 }

@@ -215,7 +215,7 @@ async fn handle_message(
         let target = parse_chat_target(&state, &user, conversation_id.as_deref()).await?;
         key_allows(&state, &user, model.as_ref(), &target)?;
         let req = SendRequest {
-            user_id: user.user.id.clone(),
+            payer: user.payer(),
             target,
             content,
             model,

@@ -20,10 +20,14 @@ pub struct ApiKeyRecord {
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub last_used_at: Option<i64>,
+    /// Tokens the key may spend per day or month; `None` for no limit.
+    pub token_budget: Option<super::TokenBudget>,
+    /// Requests per minute; `None` for no limit.
+    pub rpm: Option<i64>,
 }
 
 impl ApiKeyRecord {
-    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+    pub(super) fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
         let models: Option<String> = get(row, "k_models")?;
         let models =
             models.map(|m| serde_json::from_str(&m).map_err(|e| sqlx::Error::Decode(Box::new(e)))).transpose()?;
@@ -36,6 +40,8 @@ impl ApiKeyRecord {
             created_at: get(row, "k_created_at")?,
             expires_at: get(row, "k_expires_at")?,
             last_used_at: get(row, "k_last_used_at")?,
+            token_budget: super::TokenBudget::from_columns(get(row, "k_token_budget")?, get(row, "k_budget_period")?),
+            rpm: get(row, "k_rpm")?,
         })
     }
 
@@ -77,9 +83,10 @@ pub struct ApiUsageCounts {
     pub completion_tokens: i64,
 }
 
-const KEY_COLUMNS: &str = "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
+pub(super) const KEY_COLUMNS: &str = "k.id AS k_id, k.user_id AS k_user_id, k.name AS k_name, k.prefix AS k_prefix, \
      k.models AS k_models, k.created_at AS k_created_at, k.expires_at AS k_expires_at, \
-     k.last_used_at AS k_last_used_at";
+     k.last_used_at AS k_last_used_at, k.token_budget AS k_token_budget, \
+     k.budget_period AS k_budget_period, k.rpm AS k_rpm";
 
 impl Store {
     pub async fn insert_api_key(&self, k: NewApiKey<'_>) -> StoreResult<ApiKeyRecord> {
@@ -108,6 +115,8 @@ impl Store {
             created_at: k.now,
             expires_at: k.expires_at,
             last_used_at: None,
+            token_budget: None,
+            rpm: None,
         })
     }
 

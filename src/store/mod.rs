@@ -7,6 +7,7 @@
 mod api_keys;
 mod conversations;
 mod idempotency;
+mod quota;
 mod retention;
 mod search;
 mod sessions;
@@ -35,11 +36,12 @@ pub use conversations::{
     NewMessage,
 };
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
+pub use quota::{Reserved, SubjectUsage};
 pub use retention::DueConversation;
 pub use search::{SEARCH_CANDIDATES, SearchHit, SearchScope};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};
 pub use support::{SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};
-pub use usage::{UsagePeriod, UsageTotals};
+pub use usage::{TokenBudget, UsagePeriod, UsageTotals};
 pub use users::{NewUser, UserRecord};
 
 #[derive(Debug, thiserror::Error)]

@@ -24,6 +24,55 @@ impl UsagePeriod {
         };
         formatted.expect("a date always formats")
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "day" => Some(UsagePeriod::Day),
+            "month" => Some(UsagePeriod::Month),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsagePeriod::Day => "day",
+            UsagePeriod::Month => "month",
+        }
+    }
+
+    /// When the period containing `now_ms` ends (the next one starts), in ms.
+    pub fn ends_at(self, now_ms: i64) -> i64 {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let day = at.date();
+        let next = match self {
+            UsagePeriod::Day => day.next_day(),
+            UsagePeriod::Month => {
+                let (y, m) = if day.month() == time::Month::December {
+                    (day.year() + 1, time::Month::January)
+                } else {
+                    (day.year(), day.month().next())
+                };
+                time::Date::from_calendar_date(y, m, 1).ok()
+            }
+        };
+        next.map_or(i64::MAX, |d| (d.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+}
+
+/// A number of tokens per UTC day or month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBudget {
+    pub tokens: i64,
+    pub period: UsagePeriod,
+}
+
+impl TokenBudget {
+    /// From the two nullable columns that keep it.
+    pub(super) fn from_columns(tokens: Option<i64>, period: Option<String>) -> Option<Self> {
+        let period = period.as_deref().and_then(UsagePeriod::parse).unwrap_or(UsagePeriod::Day);
+        tokens.map(|tokens| TokenBudget { tokens, period })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,5 +165,7 @@ mod tests {
         assert_eq!(UsagePeriod::Day.key(ms), "2026-11-22");
         assert_eq!(UsagePeriod::Month.key(ms), "2026-11");
         assert_eq!(UsagePeriod::Day.key(ms + 1), "2026-11-23");
+        assert_eq!(UsagePeriod::Day.ends_at(ms), ms + 1);
+        assert_eq!(UsagePeriod::Month.ends_at(ms), ms + 1 + 8 * 86_400_000);
     }
 }

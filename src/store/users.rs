@@ -17,6 +17,8 @@ pub struct UserRecord {
     pub created_at: i64,
     /// The user's own retention in days (conversations idle longer are deleted).
     pub retention_days: Option<i64>,
+    /// Tokens the user may spend per day or month; `None` for no limit.
+    pub token_budget: Option<super::TokenBudget>,
 }
 
 impl UserRecord {
@@ -35,6 +37,7 @@ impl UserRecord {
             disabled_at: get(row, "disabled_at")?,
             created_at: get(row, "created_at")?,
             retention_days: get(row, "retention_days")?,
+            token_budget: super::TokenBudget::from_columns(get(row, "token_budget")?, get(row, "budget_period")?),
         })
     }
 }
@@ -50,7 +53,7 @@ pub struct NewUser<'a> {
 }
 
 pub(super) const USER_COLUMNS: &str = "u.id, u.email, u.username, u.display_name, u.password_hash, u.role, u.disabled_at, u.created_at, \
-     u.retention_days";
+     u.retention_days, u.token_budget, u.budget_period";
 
 impl Store {
     /// Inserts a user; `Conflict("email")` / `Conflict("username")` when taken.

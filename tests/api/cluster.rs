@@ -20,7 +20,7 @@ use crate::support_ws::{
 };
 
 /// A `redis-server` of the test's own.
-struct PrivateRedis {
+pub(crate) struct PrivateRedis {
     port: u16,
     child: Option<tokio::process::Child>,
     dir: tempfile::TempDir,
@@ -29,7 +29,7 @@ struct PrivateRedis {
 impl PrivateRedis {
     /// `None` (with the reason printed) when `redis-server` is not installed,
     /// outside CI; in CI its absence fails the test.
-    async fn start() -> Option<Self> {
+    pub(crate) async fn start() -> Option<Self> {
         let installed = std::process::Command::new("redis-server")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -48,11 +48,11 @@ impl PrivateRedis {
         Some(redis)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn run(&mut self) {
+    pub(crate) async fn run(&mut self) {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .current_dir(self.dir.path())
@@ -71,7 +71,7 @@ impl PrivateRedis {
     }
 
     /// `kill -9`: every connection to it breaks.
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.expect("kill redis-server");
         }
@@ -107,7 +107,7 @@ async fn agent_on(app: &TestApp) -> TestUser {
 }
 
 /// Runs `test` and drops the PostgreSQL schema afterwards.
-async fn with_cluster<F, Fut>(test: F)
+pub(crate) async fn with_cluster<F, Fut>(test: F)
 where
     F: FnOnce(TestApp, crate::helpers::Sibling, PrivateRedis) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,

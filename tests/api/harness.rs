@@ -391,6 +391,12 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
     if let Some(max) = settings.server.max_connections {
         command.env("PALAVER_MAX_CONNECTIONS", max.to_string());
     }
+    if let Some(rpm) = settings.limits.rate_limit_rpm {
+        command.env("PALAVER_RATE_LIMIT_RPM", rpm.to_string());
+    }
+    command
+        .env("PALAVER_BUDGET_RESERVATION_TTL", settings.limits.budget_reservation_ttl.to_string())
+        .env("PALAVER_BUDGET_DEFAULT_RESERVE", settings.limits.budget_default_reserve.to_string());
     if let Some(limit) = open_files {
         // SAFETY: setrlimit is async-signal-safe and touches no memory of ours.
         unsafe {

@@ -15,6 +15,7 @@ mod sockets;
 
 mod admin;
 mod auth;
+mod budgets;
 mod chat;
 mod cluster;
 mod connections;

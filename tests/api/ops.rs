@@ -295,6 +295,7 @@ async fn data_survives_a_restart(mut app: TestApp) {
 const DOCUMENTED_PATHS: &[&str] = &[
     "/api/admin/users",
     "/api/admin/users/{id}",
+    "/api/admin/users/{id}/usage",
     "/api/agent/active",
     "/api/agent/queue",
     "/api/agent/search",
@@ -328,6 +329,7 @@ const DOCUMENTED_PATHS: &[&str] = &[
     "/api/support/sessions/{id}/messages",
     "/api/users/me",
     "/api/users/me/export",
+    "/api/users/me/usage",
     "/api/ws",
     "/health",
     "/metrics",

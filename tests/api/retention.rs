@@ -156,6 +156,10 @@ async fn retention_days_is_validated(app: TestApp) {
     let r = app.patch("/api/users/me").bearer_auth(&ann.token).json(&json!({ "retention_days": 36_500 })).fetch().await;
     r.assert_status(StatusCode::OK);
     assert_eq!(r.body["retention_days"], 36_500);
+    // JSON Schema counts 30.0 as an integer, and so do we.
+    let r = app.patch("/api/users/me").bearer_auth(&ann.token).json(&json!({ "retention_days": 30.0 })).fetch().await;
+    r.assert_status(StatusCode::OK);
+    assert_eq!(r.body["retention_days"], 30);
 }
 
 async fn closed_support_sessions_are_deleted_after_their_retention(mut app: TestApp) {

@@ -86,7 +86,7 @@ fn offered_tools(body: &Value) -> Vec<&str> {
 
 /// The venv's python if it has both packages; else `None` after saying why
 /// (a panic with `CI=true`).
-async fn sdk_python() -> Option<PathBuf> {
+pub(crate) async fn sdk_python() -> Option<PathBuf> {
     let python = PathBuf::from(std::env::var("PALAVER_SDK_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.into()));
     let probe = tokio::process::Command::new(&python)
         .args(["-c", "import openai, langchain_openai"])

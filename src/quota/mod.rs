@@ -1,0 +1,395 @@
+//! Token budgets and request rates for every chat path (SPEC §6): a request
+//! is admitted (rate checked, its worst case reserved against each budget
+//! that applies) before the provider is called, and settled to the
+//! provider's real usage after. With REDIS_URL the budgets live in Redis
+//! (one atomic script per check, shared by every instance) and a Redis that
+//! does not answer refuses budgeted requests; without it, the database.
+//! Rates are a GCRA per user and per key, in Redis or, without it (or while
+//! it is away), in this instance's memory.
+
+mod rate;
+mod shared;
+
+use std::sync::Arc;
+
+use crate::{
+    clock::Clock,
+    config::LimitSettings,
+    ids::Ids,
+    store::{SUPPORT_USER_ID, Store, StoreError, TokenBudget, UsagePeriod},
+};
+
+pub use shared::SharedBudgets;
+
+/// Who pays for a request, and the limits that come with them.
+#[derive(Debug, Clone, Default)]
+pub struct Payer {
+    pub user_id: String,
+    pub user_budget: Option<TokenBudget>,
+    pub key_id: Option<String>,
+    pub key_budget: Option<TokenBudget>,
+    pub key_rpm: Option<i64>,
+}
+
+/// One limit as the `x-ratelimit-*` headers tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: i64,
+    pub remaining: i64,
+    /// Milliseconds until the limit is whole again.
+    pub reset_ms: i64,
+}
+
+/// What a client is told about its limits (the tightest of each kind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitState {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+impl LimitState {
+    fn tighten(slot: &mut Option<Window>, w: Window) {
+        if slot.is_none_or(|old| w.remaining < old.remaining) {
+            *slot = Some(w);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("Too many requests: at most {} a minute.", .state.requests.map_or(0, |w| w.limit))]
+    RateLimited { state: LimitState, wait_ms: i64 },
+    #[error("The token budget of this {whom} is used up until the period ends.")]
+    BudgetExceeded { state: LimitState, wait_ms: i64, whom: &'static str },
+    #[error("The limits cannot be checked right now (Redis is not answering); try again shortly.")]
+    Unavailable,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The limits service; one per instance.
+pub struct Quota {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn Ids>,
+    settings: LimitSettings,
+    shared: Option<SharedBudgets>,
+    rates: rate::LocalRates,
+}
+
+/// A budget of one subject to reserve against.
+struct Charge {
+    subject: String,
+    whom: &'static str,
+    budget: TokenBudget,
+}
+
+/// A granted reservation of one subject's budget.
+#[derive(Debug, Clone)]
+struct Hold {
+    subject: String,
+    period_key: String,
+    id: String,
+    tokens: i64,
+}
+
+/// An admitted request: what it was told and what it holds until settled.
+pub struct Admission {
+    pub state: LimitState,
+    pub reservation: Reservation,
+}
+
+impl Quota {
+    pub fn new(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn Ids>,
+        settings: LimitSettings,
+        shared: Option<SharedBudgets>,
+    ) -> Arc<Self> {
+        Arc::new(Self { store, clock, ids, settings, shared, rates: Default::default() })
+    }
+
+    /// Tokens a budgeted request without `max_tokens` may answer with.
+    pub fn default_reserve(&self) -> u32 {
+        self.settings.budget_default_reserve
+    }
+
+    /// The payer with the support desk's budget, for the desk's user.
+    fn with_desk(&self, payer: &Payer) -> Payer {
+        let mut p = payer.clone();
+        if p.user_id == SUPPORT_USER_ID {
+            p.user_budget = self
+                .settings
+                .support_token_budget
+                .map(|t| TokenBudget { tokens: t.min(i64::MAX as u64) as i64, period: UsagePeriod::Day });
+        }
+        p
+    }
+
+    /// Whether any budget applies to `payer` (its answers are then capped).
+    pub fn budgeted(&self, payer: &Payer) -> bool {
+        let p = self.with_desk(payer);
+        p.user_budget.is_some() || p.key_budget.is_some()
+    }
+
+    fn charges(payer: &Payer) -> Vec<Charge> {
+        let mut charges = Vec::new();
+        if let Some(budget) = payer.user_budget {
+            let (subject, whom) = if payer.user_id == SUPPORT_USER_ID {
+                ("desk".to_owned(), "support desk")
+            } else {
+                (format!("user:{}", payer.user_id), "account")
+            };
+            charges.push(Charge { subject, whom, budget });
+        }
+        if let (Some(id), Some(budget)) = (&payer.key_id, payer.key_budget) {
+            charges.push(Charge { subject: format!("key:{id}"), whom: "API key", budget });
+        }
+        charges
+    }
+
+    /// Checks the rates and reserves `tokens` (the request's worst case)
+    /// against every budget of `payer`; nothing is held when it is refused.
+    pub async fn admit(self: &Arc<Self>, payer: &Payer, tokens: i64) -> Result<Admission, QuotaError> {
+        let payer = self.with_desk(payer);
+        let now = self.clock.now_ms();
+        let mut state = LimitState::default();
+        self.check_rates(&payer, now, &mut state).await?;
+        let mut reservation = Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(&payer) };
+        for charge in Self::charges(&payer) {
+            let period_key = charge.budget.period.key(now);
+            let reset_ms = charge.budget.period.ends_at(now) - now;
+            let hold = Hold { subject: charge.subject, period_key, id: self.ids.random(), tokens };
+            let counted = self.reserve(&hold, charge.budget.tokens, now).await?;
+            let left = charge.budget.tokens - counted.used - counted.reserved;
+            LimitState::tighten(
+                &mut state.tokens,
+                Window { limit: charge.budget.tokens, remaining: left.max(0), reset_ms },
+            );
+            if !counted.granted {
+                metrics::counter!("palaver_budget_refusals_total", "outcome" => "budget_exceeded").increment(1);
+                // `reservation` gives back what the other budgets granted.
+                return Err(QuotaError::BudgetExceeded { state, wait_ms: reset_ms, whom: charge.whom });
+            }
+            reservation.holds.push(hold);
+        }
+        Ok(Admission { state, reservation })
+    }
+
+    async fn check_rates(&self, payer: &Payer, now: i64, state: &mut LimitState) -> Result<(), QuotaError> {
+        let mut rates = Vec::new();
+        if let Some(rpm) = self.settings.rate_limit_rpm
+            && payer.user_id != SUPPORT_USER_ID
+        {
+            rates.push((format!("user:{}", payer.user_id), i64::from(rpm)));
+        }
+        if let (Some(id), Some(rpm)) = (&payer.key_id, payer.key_rpm) {
+            rates.push((format!("key:{id}"), rpm));
+        }
+        for (subject, rpm) in rates {
+            let shared = match &self.shared {
+                Some(s) => s.rate(&subject, rpm, now).await,
+                None => None,
+            };
+            let verdict = shared.unwrap_or_else(|| self.rates.check(&subject, rpm, now));
+            LimitState::tighten(
+                &mut state.requests,
+                Window { limit: rpm, remaining: verdict.remaining, reset_ms: verdict.reset_ms },
+            );
+            if verdict.wait_ms > 0 {
+                metrics::counter!("palaver_rate_limited_total", "outcome" => "rate_limited").increment(1);
+                return Err(QuotaError::RateLimited { state: *state, wait_ms: verdict.wait_ms });
+            }
+        }
+        Ok(())
+    }
+
+    async fn reserve(&self, hold: &Hold, budget: i64, now: i64) -> Result<crate::store::Reserved, QuotaError> {
+        let expires_at = now + self.settings.budget_reservation_ttl as i64 * 1000;
+        match &self.shared {
+            Some(shared) => {
+                let outcome = shared.reserve(hold, budget, expires_at, now, None).await;
+                let outcome = match outcome {
+                    Some(shared::Reserve::NeedsSeed) => {
+                        let seed = self.store.tokens_used(&hold.subject, &hold.period_key).await?;
+                        shared.reserve(hold, budget, expires_at, now, Some(seed)).await
+                    }
+                    other => other,
+                };
+                match outcome {
+                    Some(shared::Reserve::Counted(r)) => Ok(r),
+                    _ => {
+                        metrics::counter!("palaver_budget_refusals_total", "outcome" => "limits_unavailable")
+                            .increment(1);
+                        Err(QuotaError::Unavailable)
+                    }
+                }
+            }
+            None => Ok(self
+                .store
+                .reserve_tokens(&hold.subject, &hold.period_key, budget, (&hold.id, hold.tokens), expires_at, now)
+                .await?),
+        }
+    }
+
+    /// Settles the holds to `actual` tokens and counts the usage; runs
+    /// detached, retrying a while, so no request waits for it.
+    fn settle(self: &Arc<Self>, holds: Vec<Hold>, usage: Option<(Vec<String>, String, i64, i64)>) {
+        let quota = self.clone();
+        let actual = usage.as_ref().map_or(0, |(_, _, p, c)| p + c);
+        tokio::spawn(async move {
+            let now = quota.clock.now_ms();
+            for hold in holds {
+                let mut backoff = std::time::Duration::from_millis(100);
+                for _ in 0..8 {
+                    if quota.settle_one(&hold, actual).await {
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+            if let Some((subjects, model, prompt, completion)) = usage
+                && let Err(e) = quota.store.add_subject_usage(&subjects, &model, now, prompt, completion).await
+            {
+                tracing::warn!(error = e.to_string().as_str(), "could not count a request's usage by model");
+            }
+        });
+    }
+
+    async fn settle_one(&self, hold: &Hold, actual: i64) -> bool {
+        match &self.shared {
+            Some(shared) => {
+                if !shared.settle(hold, actual).await {
+                    return false;
+                }
+                // Kept in the database too, for a Redis that comes back empty.
+                if let Err(e) = self.store.settle_tokens(&hold.subject, &hold.period_key, None, actual).await {
+                    tracing::warn!(error = e.to_string().as_str(), "could not copy settled tokens to the database");
+                }
+                true
+            }
+            None => self.store.settle_tokens(&hold.subject, &hold.period_key, Some(&hold.id), actual).await.is_ok(),
+        }
+    }
+
+    /// What `subject`'s budget has left now, without reserving anything.
+    async fn remaining(&self, subject: &str, budget: TokenBudget) -> Result<i64, QuotaError> {
+        let now = self.clock.now_ms();
+        let period_key = budget.period.key(now);
+        let spent = match &self.shared {
+            Some(shared) => match shared.spent(subject, &period_key, now).await {
+                Some(Some(spent)) => spent,
+                Some(None) => self.store.tokens_used(subject, &period_key).await?,
+                None => return Err(QuotaError::Unavailable),
+            },
+            None => self.store.tokens_used(subject, &period_key).await?,
+        };
+        Ok((budget.tokens - spent).max(0))
+    }
+}
+
+/// A subject's usage in a period, with its budget and what is left of it.
+#[derive(Debug, Clone)]
+pub struct UsageReport {
+    pub period: UsagePeriod,
+    /// The period's key: `2026-11-22` or `2026-11`.
+    pub period_key: String,
+    /// When the period ends, in ms.
+    pub resets_at: i64,
+    pub models: Vec<crate::store::SubjectUsage>,
+    pub budget: Option<TokenBudget>,
+    /// Tokens left of the budget (reservations under way count as spent).
+    pub remaining: Option<i64>,
+}
+
+impl Quota {
+    /// The usage of a user (`user:<id>`) or key (`key:<id>`) in `period`
+    /// (the budget's period when `None`, else the day).
+    pub async fn usage(
+        &self,
+        subject: &str,
+        period: Option<UsagePeriod>,
+        budget: Option<TokenBudget>,
+    ) -> Result<UsageReport, QuotaError> {
+        let now = self.clock.now_ms();
+        let period = period.or(budget.map(|b| b.period)).unwrap_or(UsagePeriod::Day);
+        let period_key = period.key(now);
+        let models = self.store.subject_usage(subject, &period_key).await?;
+        let remaining = match budget {
+            Some(b) => Some(match self.remaining(subject, b).await {
+                Err(QuotaError::Unavailable) => {
+                    (b.tokens - self.store.tokens_used(subject, &b.period.key(now)).await?).max(0)
+                }
+                other => other?,
+            }),
+            None => None,
+        };
+        Ok(UsageReport { period, period_key, resets_at: period.ends_at(now), models, budget, remaining })
+    }
+}
+
+/// The subjects whose usage by model is counted for a request.
+fn usage_subjects(payer: &Payer) -> Vec<String> {
+    let mut subjects =
+        vec![if payer.user_id == SUPPORT_USER_ID { "desk".to_owned() } else { format!("user:{}", payer.user_id) }];
+    if let Some(id) = &payer.key_id {
+        subjects.push(format!("key:{id}"));
+    }
+    subjects
+}
+
+/// The budgets a request holds. `settle` counts what it really used; dropped
+/// unsettled (the request failed or went away before usage), it gives its
+/// holds back, and should the process die they expire.
+pub struct Reservation {
+    quota: Arc<Quota>,
+    holds: Vec<Hold>,
+    usage_of: Vec<String>,
+}
+
+impl Reservation {
+    pub fn settle(mut self, model: &str, prompt_tokens: i64, completion_tokens: i64) {
+        let holds = std::mem::take(&mut self.holds);
+        let subjects = std::mem::take(&mut self.usage_of);
+        metrics::counter!("palaver_budget_tokens_total", "model" => model.to_owned(), "outcome" => "settled")
+            .increment((prompt_tokens + completion_tokens).max(0) as u64);
+        self.quota.settle(holds, Some((subjects, model.to_owned(), prompt_tokens, completion_tokens)));
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.holds.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            self.quota.settle(std::mem::take(&mut self.holds), None);
+        }
+    }
+}
+
+/// Milliseconds as OpenAI writes a reset (`1s`, `6m0s`, `0.25s`).
+pub fn reset_text(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 60_000 {
+        let secs = ms as f64 / 1000.0;
+        let text = format!("{secs:.3}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        return format!("{text}s");
+    }
+    let total = ms / 1000;
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    if h > 0 { format!("{h}h{m}m{s}s") } else { format!("{m}m{s}s") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_read_like_openai() {
+        assert_eq!(reset_text(250), "0.25s");
+        assert_eq!(reset_text(1000), "1s");
+        assert_eq!(reset_text(360_000), "6m0s");
+        assert_eq!(reset_text(3_723_000), "1h2m3s");
+    }
+}

@@ -126,7 +126,8 @@ impl Chat {
             }
         }
         let totals = self.replies.usage.flush(&self.store).await;
-        totals && self.gateway_usage.is_empty()
+        let by_model = self.quota.flush_usage().await;
+        totals && by_model && self.gateway_usage.is_empty()
     }
 }
 

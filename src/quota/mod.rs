@@ -10,13 +10,16 @@
 mod rate;
 mod shared;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
     clock::Clock,
     config::LimitSettings,
     ids::Ids,
-    store::{SUPPORT_USER_ID, Store, StoreError, TokenBudget, UsagePeriod},
+    store::{SUPPORT_USER_ID, Store, StoreError, SubjectUsage, SubjectUsageKey, TokenBudget, UsagePeriod},
 };
 
 pub use shared::SharedBudgets;
@@ -75,6 +78,9 @@ pub struct Quota {
     settings: LimitSettings,
     shared: Option<SharedBudgets>,
     rates: rate::LocalRates,
+    /// Settled usage by subject, period and model not yet written: gathered
+    /// here and written in one batch (`flush_usage`), never per request.
+    pending: Mutex<HashMap<(SubjectUsageKey, String), SubjectUsage>>,
 }
 
 /// A budget of one subject to reserve against.
@@ -91,6 +97,8 @@ struct Hold {
     period_key: String,
     id: String,
     tokens: i64,
+    /// When Redis granted it (its clock, ms); 0 without Redis.
+    shared_at: i64,
 }
 
 /// An admitted request: what it was told and what it holds until settled.
@@ -107,7 +115,7 @@ impl Quota {
         settings: LimitSettings,
         shared: Option<SharedBudgets>,
     ) -> Arc<Self> {
-        Arc::new(Self { store, clock, ids, settings, shared, rates: Default::default() })
+        Arc::new(Self { store, clock, ids, settings, shared, rates: Default::default(), pending: Default::default() })
     }
 
     /// Tokens a budgeted request without `max_tokens` may answer with.
@@ -160,8 +168,9 @@ impl Quota {
         for charge in Self::charges(&payer) {
             let period_key = charge.budget.period.key(now);
             let reset_ms = charge.budget.period.ends_at(now) - now;
-            let hold = Hold { subject: charge.subject, period_key, id: self.ids.random(), tokens };
-            let counted = self.reserve(&hold, charge.budget.tokens, now).await?;
+            let mut hold = Hold { subject: charge.subject, period_key, id: self.ids.random(), tokens, shared_at: 0 };
+            let (counted, shared_at) = self.reserve(&hold, charge.budget.tokens, now).await?;
+            hold.shared_at = shared_at;
             let left = charge.budget.tokens - counted.used - counted.reserved;
             LimitState::tighten(
                 &mut state.tokens,
@@ -205,7 +214,8 @@ impl Quota {
         Ok(())
     }
 
-    async fn reserve(&self, hold: &Hold, budget: i64, now: i64) -> Result<crate::store::Reserved, QuotaError> {
+    /// Reserves the hold; answers the counter and, with Redis, when it granted it.
+    async fn reserve(&self, hold: &Hold, budget: i64, now: i64) -> Result<(crate::store::Reserved, i64), QuotaError> {
         let expires_at = now + self.settings.budget_reservation_ttl as i64 * 1000;
         match &self.shared {
             Some(shared) => {
@@ -218,7 +228,7 @@ impl Quota {
                     other => other,
                 };
                 match outcome {
-                    Some(shared::Reserve::Counted(r)) => Ok(r),
+                    Some(shared::Reserve::Counted(r, at)) => Ok((r, at)),
                     _ => {
                         metrics::counter!("palaver_budget_refusals_total", "outcome" => "limits_unavailable")
                             .increment(1);
@@ -226,52 +236,115 @@ impl Quota {
                     }
                 }
             }
-            None => Ok(self
-                .store
-                .reserve_tokens(&hold.subject, &hold.period_key, budget, (&hold.id, hold.tokens), expires_at, now)
-                .await?),
+            None => Ok((
+                self.store
+                    .reserve_tokens(&hold.subject, &hold.period_key, budget, (&hold.id, hold.tokens), expires_at, now)
+                    .await?,
+                0,
+            )),
         }
     }
 
     /// Settles the holds to `actual` tokens and counts the usage; runs
     /// detached, retrying a while, so no request waits for it.
-    fn settle(self: &Arc<Self>, holds: Vec<Hold>, usage: Option<(Vec<String>, String, i64, i64)>) {
-        let quota = self.clone();
+    fn settle(self: &Arc<Self>, holds: Vec<Hold>, usage: Option<(UsageOf, String, i64, i64)>) {
         let actual = usage.as_ref().map_or(0, |(_, _, p, c)| p + c);
+        if let Some((of, model, prompt, completion)) = usage {
+            self.gather(of, model, prompt, completion);
+        }
+        if holds.is_empty() {
+            return;
+        }
+        let quota = self.clone();
         tokio::spawn(async move {
-            let now = quota.clock.now_ms();
             for hold in holds {
-                let mut backoff = std::time::Duration::from_millis(100);
-                for _ in 0..8 {
-                    if quota.settle_one(&hold, actual).await {
-                        break;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-            }
-            if let Some((subjects, model, prompt, completion)) = usage
-                && let Err(e) = quota.store.add_subject_usage(&subjects, &model, now, prompt, completion).await
-            {
-                tracing::warn!(error = e.to_string().as_str(), "could not count a request's usage by model");
+                quota.settle_one(&hold, actual).await;
             }
         });
     }
 
-    async fn settle_one(&self, hold: &Hold, actual: i64) -> bool {
-        match &self.shared {
-            Some(shared) => {
-                if !shared.settle(hold, actual).await {
-                    return false;
+    /// Settles one hold, retrying a while. With Redis the database's copy is
+    /// written first: a Redis that comes back empty seeds its counter from
+    /// that copy, and so already counts this settlement (see `SETTLE`).
+    async fn settle_one(&self, hold: &Hold, actual: i64) {
+        let retry = |mut step: u32| async move {
+            step = step.min(6);
+            tokio::time::sleep(std::time::Duration::from_millis(100 << step)).await;
+        };
+        let Some(shared) = &self.shared else {
+            for step in 0..8 {
+                if self.store.settle_tokens(&hold.subject, &hold.period_key, Some(&hold.id), actual).await.is_ok() {
+                    return;
                 }
-                // Kept in the database too, for a Redis that comes back empty.
-                if let Err(e) = self.store.settle_tokens(&hold.subject, &hold.period_key, None, actual).await {
-                    tracing::warn!(error = e.to_string().as_str(), "could not copy settled tokens to the database");
-                }
-                true
+                retry(step).await;
             }
-            None => self.store.settle_tokens(&hold.subject, &hold.period_key, Some(&hold.id), actual).await.is_ok(),
+            tracing::warn!("could not settle a reservation; it expires by itself");
+            return;
+        };
+        for step in 0..8 {
+            match self.store.settle_tokens(&hold.subject, &hold.period_key, None, actual).await {
+                Ok(_) => break,
+                Err(e) if step == 7 => {
+                    tracing::warn!(error = e.to_string().as_str(), "could not copy settled tokens to the database")
+                }
+                Err(_) => retry(step).await,
+            }
         }
+        for step in 0..8 {
+            if shared.settle(hold, actual).await {
+                return;
+            }
+            retry(step).await;
+        }
+    }
+
+    /// Counts one request's usage for each of its subjects' day and month.
+    fn gather(&self, of: UsageOf, model: String, prompt: i64, completion: i64) {
+        let now = self.clock.now_ms();
+        let mut pending = self.pending.lock().expect("usage lock poisoned");
+        for subject in of.subjects {
+            for period in [UsagePeriod::Day, UsagePeriod::Month] {
+                let key =
+                    SubjectUsageKey { subject: subject.clone(), period: period.key(now), owner: of.owner.clone() };
+                let counts = pending.entry((key, model.clone())).or_insert_with(|| SubjectUsage {
+                    model: model.clone(),
+                    requests: 0,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                });
+                counts.requests += 1;
+                counts.prompt_tokens += prompt;
+                counts.completion_tokens += completion;
+            }
+        }
+    }
+
+    /// Writes the usage gathered since the last flush; what fails stays for
+    /// the next one. True when nothing is left.
+    pub async fn flush_usage(&self) -> bool {
+        let batch: Vec<(SubjectUsageKey, SubjectUsage)> =
+            std::mem::take(&mut *self.pending.lock().expect("usage lock poisoned"))
+                .into_iter()
+                .map(|((key, _), counts)| (key, counts))
+                .collect();
+        if batch.is_empty() {
+            return true;
+        }
+        let Err(e) = self.store.add_subject_usage(&batch).await else { return true };
+        tracing::warn!(error = e.to_string().as_str(), "could not store usage by model; kept for the next try");
+        let mut pending = self.pending.lock().expect("usage lock poisoned");
+        for (key, c) in batch {
+            let counts = pending.entry((key, c.model.clone())).or_insert_with(|| SubjectUsage {
+                model: c.model.clone(),
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            });
+            counts.requests += c.requests;
+            counts.prompt_tokens += c.prompt_tokens;
+            counts.completion_tokens += c.completion_tokens;
+        }
+        false
     }
 
     /// What `subject`'s budget has left now, without reserving anything.
@@ -330,14 +403,21 @@ impl Quota {
     }
 }
 
-/// The subjects whose usage by model is counted for a request.
-fn usage_subjects(payer: &Payer) -> Vec<String> {
+/// The subjects whose usage by model is counted for a request, and the user
+/// they belong to.
+#[derive(Default)]
+struct UsageOf {
+    subjects: Vec<String>,
+    owner: String,
+}
+
+fn usage_subjects(payer: &Payer) -> UsageOf {
     let mut subjects =
         vec![if payer.user_id == SUPPORT_USER_ID { "desk".to_owned() } else { format!("user:{}", payer.user_id) }];
     if let Some(id) = &payer.key_id {
         subjects.push(format!("key:{id}"));
     }
-    subjects
+    UsageOf { subjects, owner: payer.user_id.clone() }
 }
 
 /// The budgets a request holds. `settle` counts what it really used; dropped
@@ -346,7 +426,7 @@ fn usage_subjects(payer: &Payer) -> Vec<String> {
 pub struct Reservation {
     quota: Arc<Quota>,
     holds: Vec<Hold>,
-    usage_of: Vec<String>,
+    usage_of: UsageOf,
 }
 
 impl Reservation {

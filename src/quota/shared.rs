@@ -17,10 +17,14 @@ const REDIS_WAIT: Duration = Duration::from_millis(500);
 const KEEP_MS: i64 = 32 * 86_400_000;
 
 const RESERVE: &str = r"
+local t = redis.call('TIME')
+local at = t[1] * 1000 + math.floor(t[2] / 1000)
 local used = redis.call('GET', KEYS[1])
 if not used then
-  if ARGV[6] == '' then return {-1, 0, 0} end
-  redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[5], 'NX')
+  if ARGV[6] == '' then return {-1, 0, 0, at} end
+  if redis.call('SET', KEYS[1], ARGV[6], 'PX', ARGV[5], 'NX') then
+    redis.call('SET', KEYS[3], at, 'PX', ARGV[5])
+  end
   used = redis.call('GET', KEYS[1])
 end
 used = tonumber(used)
@@ -30,15 +34,22 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   reserved = reserved + tonumber(string.match(m, ':(%d+)$'))
 end
 local tokens = tonumber(string.match(ARGV[3], ':(%d+)$'))
-if used + reserved + tokens > tonumber(ARGV[2]) then return {0, used, reserved} end
+if used + reserved + tokens > tonumber(ARGV[2]) then return {0, used, reserved, at} end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {1, used, reserved + tokens}
+return {1, used, reserved + tokens, at}
 ";
 
+// A settlement is added to the counter only if the counter is older than
+// the reservation (Redis's own clock, `…:seeded`): a counter seeded later
+// (Redis came back empty meanwhile) was seeded from the database, which
+// settlements reach first, so it holds this one already.
 const SETTLE: &str = r"
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local seeded = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if seeded <= tonumber(ARGV[3]) then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+end
 return 1
 ";
 
@@ -73,7 +84,8 @@ pub struct SharedBudgets {
 }
 
 pub enum Reserve {
-    Counted(Reserved),
+    /// The answer, and when (Redis time, ms) it was given.
+    Counted(Reserved, i64),
     /// Redis has no counter for the period: call again with the database's.
     NeedsSeed,
 }
@@ -83,9 +95,11 @@ impl SharedBudgets {
         Self { link: RedisLink::new(client, REDIS_WAIT, "token budgets"), prefix: prefix.to_owned() }
     }
 
-    fn keys(&self, subject: &str, period_key: &str) -> (String, String) {
+    /// The period's counter of settled tokens, its reservations, and when
+    /// (Redis time, ms) the counter was seeded from the database.
+    fn keys(&self, subject: &str, period_key: &str) -> [String; 3] {
         let base = format!("{}:budget:{subject}:{period_key}", self.prefix);
-        (format!("{base}:used"), format!("{base}:held"))
+        [format!("{base}:used"), format!("{base}:held"), format!("{base}:seeded")]
     }
 
     fn script(body: &str, keys: &[&str]) -> redis::Pipeline {
@@ -105,8 +119,8 @@ impl SharedBudgets {
         now: i64,
         seed: Option<i64>,
     ) -> Option<Reserve> {
-        let (used, held) = self.keys(&hold.subject, &hold.period_key);
-        let mut pipe = Self::script(RESERVE, &[&used, &held]);
+        let [used, held, seeded] = self.keys(&hold.subject, &hold.period_key);
+        let mut pipe = Self::script(RESERVE, &[&used, &held, &seeded]);
         pipe.arg(now)
             .arg(budget)
             .arg(format!("{}:{}", hold.id, hold.tokens))
@@ -116,24 +130,24 @@ impl SharedBudgets {
         let (answer,): (Vec<i64>,) = self.link.query(&pipe).await?;
         match answer.as_slice() {
             [-1, ..] => Some(Reserve::NeedsSeed),
-            [granted, used, reserved] => {
-                Some(Reserve::Counted(Reserved { granted: *granted == 1, used: *used, reserved: *reserved }))
+            [granted, used, reserved, at] => {
+                Some(Reserve::Counted(Reserved { granted: *granted == 1, used: *used, reserved: *reserved }, *at))
             }
             _ => None,
         }
     }
 
     pub(super) async fn settle(&self, hold: &Hold, actual: i64) -> bool {
-        let (used, held) = self.keys(&hold.subject, &hold.period_key);
-        let mut pipe = Self::script(SETTLE, &[&used, &held]);
-        pipe.arg(format!("{}:{}", hold.id, hold.tokens)).arg(actual.max(0));
+        let [used, held, seeded] = self.keys(&hold.subject, &hold.period_key);
+        let mut pipe = Self::script(SETTLE, &[&used, &held, &seeded]);
+        pipe.arg(format!("{}:{}", hold.id, hold.tokens)).arg(actual.max(0)).arg(hold.shared_at);
         self.link.query::<(i64,)>(&pipe).await.is_some()
     }
 
     /// Tokens spent and held in the period; `Some(None)` when Redis has no
     /// counter for it.
     pub(super) async fn spent(&self, subject: &str, period_key: &str, now: i64) -> Option<Option<i64>> {
-        let (used, held) = self.keys(subject, period_key);
+        let [used, held, _] = self.keys(subject, period_key);
         let mut pipe = Self::script(SPENT, &[&used, &held]);
         pipe.arg(now);
         let (n,): (i64,) = self.link.query(&pipe).await?;

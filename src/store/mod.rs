@@ -36,7 +36,7 @@ pub use conversations::{
     NewMessage,
 };
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
-pub use quota::{Reserved, SubjectUsage};
+pub use quota::{Reserved, SubjectUsage, SubjectUsageKey};
 pub use retention::DueConversation;
 pub use search::{SEARCH_CANDIDATES, SearchHit, SearchScope};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};

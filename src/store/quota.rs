@@ -8,7 +8,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{ApiKeyRecord, Store, StoreResult, TokenBudget, UsagePeriod, get, map_err};
+use super::{ApiKeyRecord, Store, StoreResult, TokenBudget, get, map_err};
 
 /// The answer of a reservation: granted or not, and the counter after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,15 @@ pub struct Reserved {
     pub used: i64,
     /// Held by requests under way (this one included when granted).
     pub reserved: i64,
+}
+
+/// Where gathered usage is added: a subject's period (`2026-11-22`,
+/// `2026-11`), and the user it belongs to (the key's owner for a key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubjectUsageKey {
+    pub subject: String,
+    pub period: String,
+    pub owner: String,
 }
 
 /// Settled usage of one model in a period.
@@ -200,35 +209,31 @@ impl Store {
         Ok(used.unwrap_or(0))
     }
 
-    /// Adds one request's usage to each subject's day and month, by model.
-    pub async fn add_subject_usage(
-        &self,
-        subjects: &[String],
-        model: &str,
-        now_ms: i64,
-        prompt: i64,
-        completion: i64,
-    ) -> StoreResult<()> {
-        for subject in subjects {
-            for period in [UsagePeriod::Day, UsagePeriod::Month] {
-                sqlx::query(
-                    "INSERT INTO quota_usage (subject, period, model, requests, prompt_tokens, completion_tokens) \
-                     VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (subject, period, model) DO UPDATE SET \
-                     requests = quota_usage.requests + 1, \
-                     prompt_tokens = quota_usage.prompt_tokens + excluded.prompt_tokens, \
-                     completion_tokens = quota_usage.completion_tokens + excluded.completion_tokens",
-                )
-                .bind(subject.as_str())
-                .bind(period.key(now_ms))
-                .bind(model)
-                .bind(prompt)
-                .bind(completion)
-                .execute(&self.pool)
-                .await
-                .map_err(map_err)?;
-            }
+    /// Adds a batch of gathered usage (`Quota::flush_usage`), in one
+    /// transaction. A row whose owner was deleted meanwhile is not written.
+    pub async fn add_subject_usage(&self, batch: &[(SubjectUsageKey, SubjectUsage)]) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        for (k, u) in batch {
+            sqlx::query(
+                "INSERT INTO quota_usage (subject, period, model, requests, prompt_tokens, completion_tokens) \
+                 SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM users WHERE id = $7) \
+                 ON CONFLICT (subject, period, model) DO UPDATE SET \
+                 requests = quota_usage.requests + excluded.requests, \
+                 prompt_tokens = quota_usage.prompt_tokens + excluded.prompt_tokens, \
+                 completion_tokens = quota_usage.completion_tokens + excluded.completion_tokens",
+            )
+            .bind(k.subject.as_str())
+            .bind(k.period.as_str())
+            .bind(u.model.as_str())
+            .bind(u.requests)
+            .bind(u.prompt_tokens)
+            .bind(u.completion_tokens)
+            .bind(k.owner.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
-        Ok(())
+        tx.commit().await.map_err(map_err)
     }
 
     /// `subject`'s usage in the period with this key, by model.

@@ -174,11 +174,20 @@ impl Store {
         Ok((users, total))
     }
 
-    /// Deletes the user; their sessions, conversations and messages go with
-    /// them (foreign keys cascade).
+    /// Deletes the user; their sessions, conversations, messages and keys go
+    /// with them (foreign keys cascade), and so do the budget counters and
+    /// usage kept for them and their keys (named by subject, not by key).
     pub async fn delete_user(&self, id: &str) -> StoreResult<bool> {
-        let done =
-            sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&self.pool).await.map_err(map_err)?;
+        let mut tx = self.begin_write().await?;
+        for table in ["quota_usage", "quota_counters", "quota_reservations"] {
+            let sql = format!(
+                "DELETE FROM {table} WHERE subject = 'user:' || $1 \
+                 OR subject IN (SELECT 'key:' || id FROM api_keys WHERE user_id = $1)"
+            );
+            sqlx::query(AssertSqlSafe(sql)).bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let done = sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
         self.accounts_changed();
         Ok(done.rows_affected() > 0)
     }

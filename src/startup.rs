@@ -386,6 +386,7 @@ fn register_metrics(providers: &Providers) {
     metrics::gauge!("palaver_replies_in_flight").increment(0.0);
     providers.register_metrics();
     crate::retention::register_metrics();
+    crate::quota::register_metrics();
 }
 
 pub fn metrics_handle() -> PrometheusHandle {

@@ -70,6 +70,14 @@ pub enum QuotaError {
     Store(#[from] StoreError),
 }
 
+/// The limit counters, present at 0 from the start (`startup::register_metrics`).
+pub fn register_metrics() {
+    for outcome in ["budget_exceeded", "limits_unavailable"] {
+        metrics::counter!("palaver_budget_refusals_total", "outcome" => outcome).increment(0);
+    }
+    metrics::counter!("palaver_rate_limited_total", "outcome" => "rate_limited").increment(0);
+}
+
 /// The limits service; one per instance.
 pub struct Quota {
     store: Store,

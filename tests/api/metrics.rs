@@ -33,6 +33,9 @@ async fn a_fresh_instance_shows_every_gauge_at_zero() {
         "palaver_replies_in_flight",
         r#"palaver_retention_deleted_total{kind="conversation"}"#,
         r#"palaver_retention_deleted_total{kind="support_session"}"#,
+        r#"palaver_budget_refusals_total{outcome="budget_exceeded"}"#,
+        r#"palaver_budget_refusals_total{outcome="limits_unavailable"}"#,
+        r#"palaver_rate_limited_total{outcome="rate_limited"}"#,
     ] {
         assert_eq!(series(&text, name), Some(0.0), "{name} missing or not 0 in:\n{text}");
     }
@@ -77,4 +80,37 @@ async fn until(app: &TestApp, what: &str, done: impl Fn(&str) -> bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{what}: not within 5 s in\n{last}");
+}
+
+/// Budget refusals and settled tokens are counted by outcome and model, and
+/// no series names a user.
+#[tokio::test(flavor = "multi_thread")]
+async fn budget_refusals_and_tokens_are_counted_without_user_labels() {
+    let Some(app) = spawn_process_app(Db::Sqlite).await else { return };
+    let admin = app.signup_admin().await;
+    let user = app.signup().await;
+    let budget = 5 + i64::from(app.settings.limits.budget_default_reserve);
+    app.patch(&format!("/api/admin/users/{}", user.id))
+        .bearer_auth(&admin.token)
+        .json(&serde_json::json!({ "token_budget": budget }))
+        .fetch()
+        .await
+        .assert_status(StatusCode::OK);
+    let send = || app.post("/api/chat").bearer_auth(&user.token).json(&serde_json::json!({ "message": "four" }));
+    send().fetch().await.assert_status(StatusCode::OK);
+    let refused = r#"palaver_budget_refusals_total{outcome="budget_exceeded"}"#;
+    until(&app, "the settled tokens counted", |m| {
+        m.lines().any(|l| l.starts_with("palaver_budget_tokens_total{") && l.contains(r#"outcome="settled""#))
+    })
+    .await;
+    // Settled: the next send no longer fits what is left.
+    for _ in 0..100 {
+        if send().fetch().await.status == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics(&app).await;
+    assert!(series(&text, refused).is_some_and(|n| n >= 1.0), "{refused} in:\n{text}");
+    assert!(!text.contains(&user.id), "a user id in a label:\n{text}");
 }

@@ -192,10 +192,8 @@ impl Chat {
                     completion_tokens: crate::domain::context::estimate_tokens(&message.content) as i64,
                     estimated: true,
                 });
-                self.replies
-                    .usage
-                    .add(&self.store, &live.user_id, self.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens)
-                    .await;
+                // Written with the next batch (`flush_gateway_usage`), not here.
+                self.replies.usage.defer(&live.user_id, self.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens);
                 message.status = MessageStatus::Complete;
                 message.prompt_tokens = Some(usage.prompt_tokens);
                 message.completion_tokens = Some(usage.completion_tokens);

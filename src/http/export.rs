@@ -109,6 +109,8 @@ pub struct AccountExport {
     responses((status = 200, body = AccountExport, description = "An attachment"), (status = 401, body = ErrorBody)))]
 pub async fn export_account(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Response> {
     let user_id = auth.user.id.clone();
+    // Usage this instance has counted but not written yet is written first.
+    state.chat.flush_gateway_usage().await;
     let keys: Vec<KeyView> = state.store.list_api_keys(&user_id).await?.iter().map(KeyView::from).collect();
     let usage = UsageExport {
         periods: state

@@ -1,8 +1,11 @@
-//! API keys remembered between requests, so that a request with a key
-//! does not read the database: the gateway's hot path.
+//! API keys and login sessions remembered between requests, so that a
+//! request with a key or an access token does not read the database: the
+//! hot path of the gateway and of every `/api` call. Sessions only on a
+//! single instance (see `remembers_sessions`).
 //!
-//! A remembered key is used only while nothing can have changed it unseen.
-//! Every write to users or keys bumps the store's accounts epoch, and an
+//! A remembered entry is used only while nothing can have changed it unseen.
+//! Every write to users, keys or a session's revocation bumps the store's
+//! accounts epoch, and an
 //! entry read at an older epoch is not used. Other instances' writes reach
 //! this one as an announcement on the Redis channel `<prefix>:accounts`,
 //! which bumps the epoch here too; the writer announces before it answers,
@@ -27,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     redis_link::RedisLink,
-    store::{ApiKeyRecord, Engine, Store, UserRecord},
+    store::{ApiKeyRecord, Engine, SessionAuth, Store, UserRecord},
 };
 
 /// The longest an entry is used without reading the database again.
@@ -39,6 +42,8 @@ const ANNOUNCE_WAIT: Duration = Duration::from_millis(500);
 
 pub struct KeyCache {
     entries: Mutex<HashMap<String, Entry>>,
+    /// Login sessions (with their user) by session id.
+    sessions: Mutex<HashMap<String, SessionEntry>>,
     /// Whether every write to users and keys reaches this instance's epoch.
     sees_all_writes: AtomicBool,
     /// With Redis: where announcements are published.
@@ -52,6 +57,12 @@ struct Entry {
     read_at: Instant,
 }
 
+struct SessionEntry {
+    auth: SessionAuth,
+    epoch: u64,
+    read_at: Instant,
+}
+
 struct Announcer {
     link: RedisLink,
     channel: String,
@@ -60,7 +71,12 @@ struct Announcer {
 impl KeyCache {
     /// A cache that remembers nothing (for tests and tools).
     pub fn disabled() -> Self {
-        Self { entries: Default::default(), sees_all_writes: AtomicBool::new(false), announcer: None }
+        Self {
+            entries: Default::default(),
+            sessions: Default::default(),
+            sees_all_writes: AtomicBool::new(false),
+            announcer: None,
+        }
     }
 
     /// The cache for `store`. With Redis, it starts the task that listens
@@ -107,6 +123,48 @@ impl KeyCache {
         }
         let entry = Entry { key: key.clone(), user: user.clone(), epoch, read_at: Instant::now() };
         entries.insert(key_hash.to_owned(), entry);
+    }
+
+    /// Whether sessions are remembered: only where every write is seen the
+    /// moment it is made (one instance alone on its SQLite file). Across
+    /// instances an announcement reaches the others a moment after the
+    /// writer answered, and a logout must hold on the very next request.
+    fn remembers_sessions(&self) -> bool {
+        self.announcer.is_none() && self.sees_all_writes.load(Ordering::SeqCst)
+    }
+
+    /// The remembered login session with this id and its user, if still good.
+    pub fn session(&self, store: &Store, session_id: &str) -> Option<SessionAuth> {
+        if !self.remembers_sessions() {
+            return None;
+        }
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = sessions.get(session_id)?;
+        let fresh = entry.epoch == store.accounts_epoch() && entry.read_at.elapsed() < TTL;
+        fresh.then(|| entry.auth.clone())
+    }
+
+    /// Remembers a session read from the database at `epoch` (taken before
+    /// the read began).
+    pub fn put_session(&self, epoch: u64, auth: &SessionAuth) {
+        if !self.remembers_sessions() {
+            return;
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.len() >= CAPACITY {
+            sessions.clear();
+        }
+        let entry = SessionEntry { auth: auth.clone(), epoch, read_at: Instant::now() };
+        sessions.insert(auth.session.id.clone(), entry);
+    }
+
+    /// The session's last use was written as `at`: the remembered copy
+    /// follows, so the next requests do not write it again.
+    pub fn session_touched(&self, session_id: &str, at: i64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = sessions.get_mut(session_id) {
+            entry.auth.session.last_used_at = entry.auth.session.last_used_at.max(at);
+        }
     }
 
     /// Tells the other instances that users or keys changed (after the
@@ -221,5 +279,32 @@ mod tests {
         let (key, user) = store.api_key_by_hash(&hash).await.unwrap().unwrap();
         cache.put(&hash, store.accounts_epoch(), &key, &user);
         assert!(cache.get(&store, &hash).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_session_is_remembered_until_it_is_revoked() {
+        let (_dir, store, _) = store_with_a_key().await;
+        let session = crate::store::NewLoginSession {
+            id: "s1",
+            user_id: "u1",
+            cookie_hash: "c1",
+            user_agent: None,
+            refresh_hash: "r1",
+            now: 1,
+            expires_at: i64::MAX,
+        };
+        store.create_login_session(session).await.unwrap();
+        let cache = KeyCache::start(&store, None, "t", CancellationToken::new());
+        let epoch = store.accounts_epoch();
+        let auth = store.session_auth_by_id("s1").await.unwrap().unwrap();
+        cache.put_session(epoch, &auth);
+        assert_eq!(cache.session(&store, "s1").map(|a| a.user.id), Some("u1".to_owned()));
+        cache.session_touched("s1", 90_000);
+        assert_eq!(cache.session(&store, "s1").unwrap().session.last_used_at, 90_000);
+
+        assert!(store.revoke_session("s1", "u1", 2).await.unwrap());
+        assert!(cache.session(&store, "s1").is_none(), "a revocation drops the entry");
+        let revoked = store.session_auth_by_id("s1").await.unwrap().unwrap();
+        assert!(!revoked.is_valid(3));
     }
 }

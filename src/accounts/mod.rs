@@ -18,7 +18,10 @@ use crate::{
     domain::user::{DisplayName, Email, Password, Role, Username},
     error::{Error, Result},
     ids::Ids,
-    store::{ApiKeyRecord, NewApiKey, NewUser, Store, StoreError, TokenBudget, UserRecord},
+    store::{
+        ApiKeyRecord, LoginSessionRecord, NewApiKey, NewUser, RefreshOutcome, SessionAuth, Store, StoreError,
+        TokenBudget, UserRecord,
+    },
 };
 use key_cache::KeyCache;
 
@@ -240,6 +243,46 @@ impl Accounts {
         }
         self.key_uses.lock().expect("key uses lock poisoned").insert(record.id.clone(), now);
         Ok(Some((record, user)))
+    }
+
+    /// The login session with this id and its user (live or not: the caller
+    /// checks), from memory when no write to users, keys or sessions can
+    /// have gone unseen since (`key_cache`), so a revoked session is refused
+    /// at once everywhere.
+    pub async fn session_auth(&self, session_id: &str) -> Result<Option<SessionAuth>> {
+        if let Some(auth) = self.key_cache.session(&self.store, session_id) {
+            return Ok(Some(auth));
+        }
+        let epoch = self.store.accounts_epoch();
+        let Some(auth) = self.store.session_auth_by_id(session_id).await? else { return Ok(None) };
+        self.key_cache.put_session(epoch, &auth);
+        Ok(Some(auth))
+    }
+
+    /// Records the use of a session, at most once a minute.
+    pub async fn touch_session(&self, session: &LoginSessionRecord, now: i64) -> Result<()> {
+        if self.store.touch_session(session, now).await? {
+            self.key_cache.session_touched(&session.id, now);
+        }
+        Ok(())
+    }
+
+    /// Revokes one live session of the user (false: no such session), on
+    /// every instance before it answers.
+    pub async fn revoke_session(&self, session_id: &str, user_id: &str) -> Result<bool> {
+        let revoked = self.store.revoke_session(session_id, user_id, self.clock.now_ms()).await?;
+        self.key_cache.announce().await;
+        Ok(revoked)
+    }
+
+    /// Uses up a refresh token for its successor; a reused one revokes its
+    /// session, on every instance before it answers.
+    pub async fn rotate_refresh_token(&self, old_hash: &str, new_hash: &str) -> Result<RefreshOutcome> {
+        let outcome = self.store.rotate_refresh_token(old_hash, new_hash, self.clock.now_ms()).await?;
+        if matches!(outcome, RefreshOutcome::Reused) {
+            self.key_cache.announce().await;
+        }
+        Ok(outcome)
     }
 
     /// Writes the last-use times gathered since the previous flush; on

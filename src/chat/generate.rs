@@ -193,7 +193,12 @@ impl Chat {
                     estimated: true,
                 });
                 // Written with the next batch (`flush_gateway_usage`), not here.
-                self.replies.usage.defer(&live.user_id, self.clock.now_ms(), usage.prompt_tokens, usage.completion_tokens);
+                self.replies.usage.defer(
+                    &live.user_id,
+                    self.clock.now_ms(),
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                );
                 message.status = MessageStatus::Complete;
                 message.prompt_tokens = Some(usage.prompt_tokens);
                 message.completion_tokens = Some(usage.completion_tokens);

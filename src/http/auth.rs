@@ -254,8 +254,7 @@ pub async fn refresh(
         return Err(ApiError::Unauthorized);
     }
     let new_token = random_token("prt_");
-    let now = state.clock.now_ms();
-    match state.store.rotate_refresh_token(&hash_token(&body.refresh_token), &hash_token(&new_token), now).await? {
+    match state.accounts.rotate_refresh_token(&hash_token(&body.refresh_token), &hash_token(&new_token)).await? {
         RefreshOutcome::Rotated(auth) => Ok(Json(tokens_view(&state, &auth.user, &auth.session.id, new_token)?)),
         RefreshOutcome::Reused => {
             tracing::warn!("a used refresh token was presented again; its login session is revoked");
@@ -269,7 +268,7 @@ pub async fn refresh(
 #[utoipa::path(post, path = "/api/auth/logout", tag = "auth", security(("bearer" = [])),
     responses((status = 204), (status = 401, body = ErrorBody)))]
 pub async fn logout(State(state): State<Arc<AppState>>, auth: AuthUser) -> ApiResult<Response> {
-    state.store.revoke_session(&auth.session_id, &auth.user.id, state.clock.now_ms()).await?;
+    state.accounts.revoke_session(&auth.session_id, &auth.user.id).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     for name in [SESSION_COOKIE, CSRF_COOKIE] {
         let gone = Cookie::build((name, "")).path("/").max_age(time::Duration::ZERO).build();
@@ -312,7 +311,7 @@ pub async fn list_sessions(State(state): State<Arc<AppState>>, auth: AuthUser) -
     params(("id" = uuid::Uuid, Path, description = "Login session id")),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn revoke_session(State(state): State<Arc<AppState>>, auth: AuthUser, id: UuidPath) -> ApiResult<StatusCode> {
-    if state.store.revoke_session(id.one(), &auth.user.id, state.clock.now_ms()).await? {
+    if state.accounts.revoke_session(id.one(), &auth.user.id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound)

@@ -128,7 +128,7 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
 /// WebSockets, `?token=`): well signed, unexpired, and its login session live.
 pub async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthUser, ApiError> {
     let claims = state.keys.decode_access(token, state.clock.now_ms()).ok_or(ApiError::Unauthorized)?;
-    let auth = state.store.session_auth_by_id(&claims.sid).await?.ok_or(ApiError::Unauthorized)?;
+    let auth = state.accounts.session_auth(&claims.sid).await?.ok_or(ApiError::Unauthorized)?;
     if auth.user.id != claims.sub {
         return Err(ApiError::Unauthorized);
     }
@@ -140,7 +140,7 @@ async fn accept(state: &AppState, auth: SessionAuth, via_cookie: bool) -> Result
     if !auth.is_valid(now) {
         return Err(ApiError::Unauthorized);
     }
-    state.store.touch_session(&auth.session, now).await?;
+    state.accounts.touch_session(&auth.session, now).await?;
     Ok(AuthUser { session_id: auth.session.id, user: auth.user, key: None, via_cookie })
 }
 

@@ -128,10 +128,10 @@ impl Store {
         self.session_auth_where("s.cookie_hash = $1", cookie_hash).await
     }
 
-    /// Records use of a session, at most once a minute.
-    pub async fn touch_session(&self, session: &LoginSessionRecord, now: i64) -> StoreResult<()> {
+    /// Records use of a session, at most once a minute; true when it wrote.
+    pub async fn touch_session(&self, session: &LoginSessionRecord, now: i64) -> StoreResult<bool> {
         if now - session.last_used_at < TOUCH_INTERVAL_MS {
-            return Ok(());
+            return Ok(false);
         }
         sqlx::query("UPDATE login_sessions SET last_used_at = $1 WHERE id = $2 AND last_used_at < $1")
             .bind(now)
@@ -139,7 +139,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Uses up a refresh token and stores its successor. Presenting a token
@@ -174,6 +174,7 @@ impl Store {
                 .await
                 .map_err(map_err)?;
             tx.commit().await.map_err(map_err)?;
+            self.accounts_changed();
             return Ok(RefreshOutcome::Reused);
         }
         if expires_at <= now {
@@ -223,6 +224,7 @@ impl Store {
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
+        self.accounts_changed();
         Ok(done.rows_affected() > 0)
     }
 
@@ -235,6 +237,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(map_err)?;
+        self.accounts_changed();
         Ok(())
     }
 

@@ -409,6 +409,60 @@ async fn remembered_keys_are_forgotten_on_every_instance() {
     .await;
 }
 
+/// Login sessions are remembered too, and forgotten on every instance at
+/// once: a logout, a revoked session and a reused refresh token on one
+/// instance end the access token on the other before they are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn remembered_sessions_are_forgotten_on_every_instance() {
+    with_cluster(|a, b, redis| async move {
+        let (a, b, _redis) = (a, b, redis);
+        let me = |address: &str, token: &str| {
+            reqwest::Client::new().get(format!("{address}/api/users/me")).bearer_auth(token).fetch()
+        };
+        let user = a.signup().await;
+        let used = |token: String| {
+            let address = b.address.clone();
+            async move {
+                for _ in 0..3 {
+                    me(&address, &token).await.assert_status(StatusCode::OK);
+                }
+            }
+        };
+
+        // Logout on a.
+        used(user.token.clone()).await;
+        a.post("/api/auth/logout").bearer_auth(&user.token).fetch().await.assert_status(StatusCode::NO_CONTENT);
+        me(&b.address, &user.token).await.assert_unauthorized();
+
+        // One session revoked from another, on a.
+        let (phone, laptop) = (a.login_as(&user).await, a.login_as(&user).await);
+        used(phone.token.clone()).await;
+        let sessions = a.get("/api/auth/sessions").bearer_auth(&laptop.token).fetch().await;
+        let phone_session = sessions
+            .items()
+            .iter()
+            .find(|s| s["current"] != true)
+            .and_then(|s| s["id"].as_str())
+            .expect("the other session")
+            .to_owned();
+        a.delete(&format!("/api/auth/sessions/{phone_session}"))
+            .bearer_auth(&laptop.token)
+            .fetch()
+            .await
+            .assert_status(StatusCode::NO_CONTENT);
+        me(&b.address, &phone.token).await.assert_unauthorized();
+        me(&b.address, &laptop.token).await.assert_status(StatusCode::OK);
+
+        // A refresh token presented twice revokes its session everywhere.
+        used(laptop.token.clone()).await;
+        let refresh = || a.post("/api/auth/refresh").json(&json!({ "refresh_token": laptop.refresh_token })).fetch();
+        refresh().await.assert_status(StatusCode::OK);
+        refresh().await.assert_unauthorized();
+        me(&b.address, &laptop.token).await.assert_unauthorized();
+    })
+    .await;
+}
+
 /// No message frame was delivered twice to one socket.
 fn assert_no_repeats(log: &[Value]) {
     let mut ids: Vec<&str> =

@@ -150,6 +150,11 @@ pub struct ServerSettings {
     #[arg(long, env = "PALAVER_DATABASE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600), global = true)]
     pub database_timeout: u64,
 
+    /// Database connections this instance opens at most; default 20 on
+    /// PostgreSQL (mind its `max_connections` across instances), 8 on SQLite.
+    #[arg(long, env = "PALAVER_DATABASE_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub database_max_connections: Option<u32>,
+
     /// Redis for running several instances: the support desk's live events and
     /// the rate limits are shared through it. A single instance needs none.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, global = true)]

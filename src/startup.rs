@@ -308,7 +308,7 @@ pub async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
         None => format!("sqlite://{}", settings.server.data_dir.join("palaver.db").display()),
     };
     let timeout = Duration::from_secs(settings.server.database_timeout);
-    Store::connect_with_timeout(&url, timeout)
+    Store::connect_with_pool(&url, timeout, settings.server.database_max_connections)
         .await
         .map_err(|e| ConfigError(format!("cannot open the database: {e}")).into())
 }

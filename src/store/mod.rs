@@ -121,6 +121,12 @@ impl Store {
     /// `connect`, with `timeout` as the longest a query waits for a
     /// connection (and, on SQLite, for the write lock) before it fails.
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Self::connect_with_pool(url, timeout, None).await
+    }
+
+    /// `connect_with_timeout`, with at most `max_connections` connections
+    /// (default: 8 on SQLite, 20 on PostgreSQL).
+    pub async fn connect_with_pool(url: &str, timeout: Duration, max_connections: Option<u32>) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
         let engine = Engine::of_url(url)
             .ok_or_else(|| anyhow::anyhow!("DATABASE_URL must start with sqlite:// or postgres://"))?;
@@ -129,10 +135,10 @@ impl Store {
             Engine::Postgres => url.to_owned(),
         };
         let pool = AnyPoolOptions::new()
-            .max_connections(match engine {
+            .max_connections(max_connections.unwrap_or(match engine {
                 Engine::Sqlite => 8,
                 Engine::Postgres => 20,
-            })
+            }))
             .min_connections(1)
             .acquire_timeout(timeout)
             .after_connect(move |conn, _meta| {

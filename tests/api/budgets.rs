@@ -151,6 +151,65 @@ async fn two_instances_share_one_budget_exactly() {
     .await;
 }
 
+/// The "done means": one user hammering three instances (one
+/// PostgreSQL, one Redis) through the web API and the OpenAI API at once
+/// gets at most their budget of answers, and what fits is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_instances_and_both_apis_share_one_budget_exactly() {
+    let Some(redis) = PrivateRedis::start().await else { return };
+    let url = redis.url();
+    // Sends on /api reserve what /v1 calls with `max_tokens` do.
+    let Some(mut a) = spawn_process_app_with(Db::Postgres, |s| {
+        s.server.redis_url = Some(Secret(url));
+        s.limits.budget_default_reserve = MAX_TOKENS as u32;
+    })
+    .await
+    else {
+        return;
+    };
+    let (b, c) = (a.sibling().await, a.sibling().await);
+    let database = a.database.clone();
+    let outcome = tokio::spawn(async move {
+        let (_b, _c, _redis) = (&b, &c, &redis);
+        let budget = 30 * SPENT;
+        let (user, key) = budgeted_user(&a, budget).await;
+        let addresses = [a.address.clone(), b.address.clone(), c.address.clone()];
+        let client = reqwest::Client::new();
+        let calls = (0..120).map(|i| {
+            let (client, address, key, token) =
+                (client.clone(), addresses[i % 3].clone(), key.clone(), user.token.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    (true, complete(&client, &address, &key).await)
+                } else {
+                    let send = client.post(format!("{address}/api/chat")).bearer_auth(&token);
+                    (false, send.json(&json!({ "message": "hello" })).fetch().await)
+                }
+            })
+        });
+        let mut answered = 0;
+        for call in futures::future::join_all(calls).await {
+            match call.expect("a call task") {
+                (_, r) if r.status == StatusCode::OK => answered += 1,
+                (true, r) => assert_budget_refusal_v1(&r),
+                (false, r) => {
+                    r.assert_error(StatusCode::TOO_MANY_REQUESTS, "budget_exceeded");
+                }
+            }
+        }
+        let usage = settled_usage(&client, &addresses[2], &user, answered * SPENT).await;
+        assert!(answered * SPENT <= budget, "{answered} answers of {SPENT} tokens passed the budget of {budget}");
+        assert!(answered >= budget / RESERVED, "only {answered} of 120 answered within a budget of {budget}");
+        assert_eq!(usage["remaining_tokens"], budget - answered * SPENT);
+        assert_eq!(usage["models"][0]["requests"], answered);
+    })
+    .await;
+    database.drop_schema().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 async fn api_sends_are_refused_past_the_budget_with_headers(app: TestApp) {
     let admin = app.signup_admin().await;
     let user = app.signup().await;

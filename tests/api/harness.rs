@@ -309,6 +309,9 @@ async fn test_settings(db: Db) -> Option<(Settings, tempfile::TempDir, TestDatab
     settings.server.data_dir = data_dir.path().to_path_buf();
     settings.server.database_url = Some(Secret(database.url.clone()));
     settings.server.redis_url = None;
+    // Tests run side by side, several instances each, on one PostgreSQL
+    // (100 connections): each instance keeps to a few.
+    settings.server.database_max_connections = Some(8);
     // Tests share the machine's Redis: each one keeps to its own keys.
     settings.server.redis_prefix = format!("palaver-test-{}", uuid::Uuid::new_v4().simple());
     settings.auth.secret_key = Some(Secret(SECRET_KEY.into()));
@@ -423,6 +426,7 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
         .env("PALAVER_RETENTION_SWEEP_SECS", settings.retention.retention_sweep_secs.to_string())
         .envs(settings.retention.retention_days.map(|d| ("PALAVER_RETENTION_DAYS", d.to_string())))
         .envs(settings.retention.support_retention_days.map(|d| ("PALAVER_SUPPORT_RETENTION_DAYS", d.to_string())))
+        .envs(settings.server.database_max_connections.map(|n| ("PALAVER_DATABASE_MAX_CONNECTIONS", n.to_string())))
         .env("RUST_LOG", &settings.server.log_level)
         .stdin(std::process::Stdio::null())
         // Log lines go to stdout, panics to stderr: both into the log.

@@ -134,6 +134,12 @@ impl Chat {
         req: &SendRequest,
         model: &ModelId,
     ) -> Result<(crate::quota::Admission, Option<u32>), Error> {
+        // A retry of a stored send starts nothing: it is neither limited nor charged.
+        if let Some(key) = &req.idempotency_key
+            && self.store.idempotency_key_held(&req.payer.user_id, key, self.clock.now_ms()).await?
+        {
+            return Ok((self.quota.nothing_to_admit(), None));
+        }
         if !self.quota.budgeted(&req.payer) {
             return Ok((self.quota.admit(&req.payer, 0).await?, None));
         }

@@ -165,6 +165,13 @@ impl Quota {
         charges
     }
 
+    /// An admission that holds nothing and tells nothing: for a request
+    /// that will not call the provider.
+    pub fn nothing_to_admit(self: &Arc<Self>) -> Admission {
+        let reservation = Reservation { quota: self.clone(), holds: Vec::new(), usage_of: UsageOf::default() };
+        Admission { state: LimitState::default(), reservation }
+    }
+
     /// Checks the rates and reserves `tokens` (the request's worst case)
     /// against every budget of `payer`; nothing is held when it is refused.
     pub async fn admit(self: &Arc<Self>, payer: &Payer, tokens: i64) -> Result<Admission, QuotaError> {

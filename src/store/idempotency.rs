@@ -75,6 +75,21 @@ pub(super) async fn claim(
 }
 
 impl Store {
+    /// Whether `owner` holds `key` (within its lifetime): a retry of a send
+    /// that was stored, which starts nothing and so is not admitted again.
+    pub async fn idempotency_key_held(&self, owner: &str, key: &str, now: i64) -> StoreResult<bool> {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT created_at FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND created_at >= $3",
+        )
+        .bind(owner)
+        .bind(key)
+        .bind(now - IDEMPOTENCY_TTL_MS)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(held.is_some())
+    }
+
     /// Drops keys past their lifetime.
     pub async fn purge_idempotency_keys(&self, now: i64) -> StoreResult<u64> {
         let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")

@@ -25,7 +25,8 @@ db_tests!(
     rate_limits_answer_429_with_openai_headers,
     budgets_are_validated_and_removed_with_null,
     the_support_desk_has_a_daily_budget,
-    a_deleted_users_counters_and_usage_go_with_them;
+    a_deleted_users_counters_and_usage_go_with_them,
+    a_retried_send_is_neither_limited_nor_charged_again;
     sqlite_only: the_openai_sdk_does_not_retry_a_spent_budget,
 );
 
@@ -334,6 +335,30 @@ async fn the_support_desk_has_a_daily_budget(mut app: TestApp) {
         .await;
     r.assert_error(StatusCode::TOO_MANY_REQUESTS, "budget_exceeded");
     assert!(r.str("detail").contains("support desk"), "{}", r.text);
+}
+
+async fn a_retried_send_is_neither_limited_nor_charged_again(app: TestApp) {
+    let admin = app.signup_admin().await;
+    let user = app.signup().await;
+    let budget = 5 + app.settings.limits.budget_default_reserve as i64;
+    set_budget(&app, &admin, &user, json!({ "token_budget": budget })).await.assert_status(StatusCode::OK);
+    let send = |key: Option<&str>| {
+        let mut request = app.post("/api/chat").bearer_auth(&user.token).json(&json!({ "message": "four" }));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.fetch()
+    };
+    let first = send(Some("retry-1")).await;
+    first.assert_status(StatusCode::OK);
+    settled_usage(&app.client, &app.address, &user, SPENT).await;
+    // The budget has no room for another reply, but a retry starts none.
+    let again = send(Some("retry-1")).await;
+    again.assert_status(StatusCode::OK);
+    assert_eq!(again.body["assistant_message"]["id"], first.body["assistant_message"]["id"], "{}", again.text);
+    send(None).await.assert_error(StatusCode::TOO_MANY_REQUESTS, "budget_exceeded");
+    let usage = app.get("/api/users/me/usage").bearer_auth(&user.token).fetch().await;
+    assert_eq!(usage.body["total_tokens"], SPENT, "the retry cost nothing: {}", usage.text);
 }
 
 async fn a_deleted_users_counters_and_usage_go_with_them(app: TestApp) {

@@ -191,7 +191,13 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
     });
     let desk = Arc::new(crate::desk::Desk::new(
         chat.clone(),
-        crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.server.redis_prefix, shutdown.clone()).await,
+        crate::desk::bus::SupportBus::start(
+            redis.as_ref(),
+            &settings.server.redis_prefix,
+            Arc::new(store.clone()),
+            shutdown.clone(),
+        )
+        .await,
         &settings.support,
         counters.clone(),
     ));

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 
 pub mod bus;
+pub mod events;
+pub mod order;
 pub mod views;
 
 use bus::{BusEvent, SupportBus};
@@ -138,7 +140,8 @@ impl Desk {
             Lasting::Status(v) => ("status", serde_json::to_string(v)),
         };
         let payload = payload.map_err(anyhow::Error::from)?;
-        let seq = self.store.append_support_event(&s.id, kind, &payload, self.clock.now_ms()).await?;
+        let (agent, now) = (s.assigned_agent.as_deref(), self.clock.now_ms());
+        let seq = self.store.append_support_event(&s.id, agent, kind, &payload, now).await?;
         let (session_id, agent_id) = (s.id.clone(), s.assigned_agent.clone());
         let event = match what {
             Lasting::Message(message) => BusEvent::Message { session_id, seq, agent_id, message },

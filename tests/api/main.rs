@@ -18,6 +18,7 @@ mod auth;
 mod budgets;
 mod chat;
 mod cluster;
+mod cluster_order;
 mod connections;
 mod conversations;
 mod crash;

@@ -57,6 +57,25 @@ impl Chat {
     }
 }
 
+impl Chat {
+    /// Regenerates, from the start, a reply whose instance died (claimed with
+    /// `Store::take_over_reply`): same context, same model. Its followers see
+    /// the text shrink and are told to `reset`.
+    pub fn take_over(self: &Arc<Self>, reply: MessageRecord, conversation: ConversationRecord) {
+        let model = reply
+            .model
+            .as_deref()
+            .and_then(|m| ModelId::parse(m).ok())
+            .filter(|m| self.providers.validate_model(&m.to_string()).is_ok())
+            .unwrap_or_else(|| self.providers.default_model().clone());
+        let user_id = conversation.user_id.clone();
+        let reservation = self.quota.unreserved(&user_id);
+        // The placeholder is stored right after the message it answers.
+        let upto_seq = reply.seq - 1;
+        self.start_generation(&reply, &user_id, model, conversation, upto_seq, (reservation, None));
+    }
+}
+
 /// One reply counted in `palaver_replies_in_flight` while it lives (a
 /// panicking reply task included).
 struct InFlight;

@@ -294,6 +294,9 @@ impl Desk {
                     let event = BusEvent::Delta { session_id: s.id.clone(), message_id: message_id.clone(), text };
                     self.bus.publish(event);
                 }
+                // Not followed from the database: the desk forwards replies
+                // generated here.
+                ReplyEvent::Reset => {}
                 ReplyEvent::Finished(m) => {
                     if let Err(e) = self.record(&s, Lasting::Message(message_json(&s.id, &m))).await {
                         tracing::warn!(error = e.to_string().as_str(), "could not log a support reply");

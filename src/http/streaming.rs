@@ -62,6 +62,7 @@ fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> 
         ReplyEvent::Delta { text, offset } => {
             event("delta", offset.to_string(), json!({ "message_id": message_id, "text": text }))
         }
+        ReplyEvent::Reset => event("reset", "0:reset".to_owned(), json!({ "message_id": message_id })),
         ReplyEvent::Finished(m) => {
             let id = format!("{}:end", m.content.len());
             if m.status == MessageStatus::Failed {

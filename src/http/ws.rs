@@ -254,6 +254,7 @@ async fn handle_message(
             ReplyEvent::Delta { text, .. } => {
                 outbox.send(json!({ "type": "delta", "request_id": rid, "message_id": message_id, "text": text }))
             }
+            ReplyEvent::Reset => outbox.send(json!({ "type": "reset", "request_id": rid, "message_id": message_id })),
             ReplyEvent::Finished(m) if m.status == MessageStatus::Failed => {
                 outbox.error(rid, &reply_failure(&m, Default::default()))
             }

@@ -366,6 +366,44 @@ impl Store {
             .map_err(map_err)
     }
 
+    /// Claims a stale `streaming` reply for regeneration here: its text is
+    /// emptied and its heartbeat renewed, once per reply (a reply taken over
+    /// before is not). Answers the reply and its conversation when this
+    /// instance won it.
+    pub async fn take_over_reply(
+        &self,
+        id: &str,
+        stale_before: i64,
+        now: i64,
+    ) -> StoreResult<Option<(MessageRecord, ConversationRecord)>> {
+        let done = sqlx::query(
+            "UPDATE messages SET takeovers = takeovers + 1, content = '', updated_at = $1 \
+             WHERE id = $2 AND status = 'streaming' AND updated_at < $3 AND takeovers = 0",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(map_err)?;
+        let Some(reply) = row.map(|r| MessageRecord::from_row(&r)).transpose().map_err(map_err)? else {
+            return Ok(None);
+        };
+        let sql = format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&reply.conversation_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let conversation = row.map(|r| ConversationRecord::from_row(&r)).transpose().map_err(map_err)?;
+        Ok(conversation.map(|c| (reply, c)))
+    }
+
     /// Marks one stale `streaming` message failed (if it still is); true when it was.
     pub async fn fail_streaming(&self, id: &str, error: &str, stale_before: i64, now: i64) -> StoreResult<bool> {
         let done = sqlx::query(

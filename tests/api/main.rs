@@ -40,5 +40,6 @@ mod security;
 mod streaming;
 mod support;
 mod support_ws;
+mod takeover;
 mod users;
 pub mod websocket;

@@ -1,5 +1,6 @@
 //! The chat WebSocket `/api/ws` (SPEC §3): `message`, `cancel` and `ping`
-//! frames in; `user_message`, `delta`, `done`, `error` and `pong` out, each
+//! frames in; `user_message`, `delta`, `reset` (a reply taken over from a dead
+//! instance starts again), `done`, `error` and `pong` out, each
 //! tagged with the client's `request_id`. Replies run detached (a dropped
 //! socket does not stop them); `request_id` is an idempotency key, so a
 //! client that resends after reconnecting re-attaches instead of sending

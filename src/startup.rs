@@ -308,7 +308,11 @@ async fn sweep_abandoned_replies(
         if state.settings.chat.reply_takeover
             && let Some((reply, conversation)) = state.store.take_over_reply(&id, stale_before, now).await?
         {
-            state.chat.take_over(reply, conversation);
+            let support = conversation.user_id == crate::store::SUPPORT_USER_ID;
+            state.chat.take_over(reply.clone(), conversation);
+            if support && let Err(e) = state.desk.clone().forward_taken_over(reply).await {
+                tracing::warn!(error = e.to_string().as_str(), "could not forward a taken-over support reply");
+            }
             taken += 1;
         } else if state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await? {
             failed += 1;

@@ -160,7 +160,9 @@ impl Local {
                     let _ = topic.send(message.clone());
                 }
             }
-            BusEvent::Delta { session_id, .. } => to_session(&topics(), session_id),
+            BusEvent::Delta { session_id, .. } | BusEvent::Reset { session_id, .. } => {
+                to_session(&topics(), session_id)
+            }
         }
     }
 
@@ -331,6 +333,7 @@ mod tests {
             BusEvent::Message { .. } => "message",
             BusEvent::Status { .. } => "status",
             BusEvent::Delta { .. } => "delta",
+            BusEvent::Reset { .. } => "reset",
             BusEvent::Queue => "queue",
             BusEvent::Resync => "resync",
         }

@@ -21,6 +21,9 @@ pub enum BusEvent {
     /// Text of an AI reply as it is written (not logged: the reply's
     /// message is, once it is finished).
     Delta { session_id: String, message_id: String, text: String },
+    /// An AI reply starts again from nothing (taken over from a dead
+    /// instance); the deltas that follow are its text (not logged).
+    Reset { session_id: String, message_id: String },
     /// Queue positions and the agents' queue view changed.
     Queue,
     /// Asks every instance to re-read the log: events may have been missed.
@@ -33,7 +36,7 @@ impl BusEvent {
         match self {
             BusEvent::Message { message, .. } => Some(("message", serde_json::to_string(message).ok()?)),
             BusEvent::Status { session, .. } => Some(("status", serde_json::to_string(session).ok()?)),
-            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
+            BusEvent::Delta { .. } | BusEvent::Reset { .. } | BusEvent::Queue | BusEvent::Resync => None,
         }
     }
 
@@ -58,7 +61,8 @@ impl BusEvent {
         match self {
             BusEvent::Message { session_id, .. }
             | BusEvent::Status { session_id, .. }
-            | BusEvent::Delta { session_id, .. } => Some(session_id),
+            | BusEvent::Delta { session_id, .. }
+            | BusEvent::Reset { session_id, .. } => Some(session_id),
             BusEvent::Queue | BusEvent::Resync => None,
         }
     }
@@ -67,7 +71,7 @@ impl BusEvent {
     pub fn seq(&self) -> Option<i64> {
         match self {
             BusEvent::Message { seq, .. } | BusEvent::Status { seq, .. } => Some(*seq),
-            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
+            BusEvent::Delta { .. } | BusEvent::Reset { .. } | BusEvent::Queue | BusEvent::Resync => None,
         }
     }
 }

@@ -277,6 +277,16 @@ impl Desk {
         Ok(ClientSend { message: sent.user_message, reply })
     }
 
+    /// A reply of a session taken over from a dead instance (and now
+    /// generated here): the visitor is told it starts again, then gets it
+    /// like any other, and its final message is logged.
+    pub async fn forward_taken_over(self: Arc<Self>, reply: MessageRecord) -> Result<(), Error> {
+        let Some(s) = self.store.support_session_by_conversation(&reply.conversation_id).await? else { return Ok(()) };
+        self.bus.publish(BusEvent::Reset { session_id: s.id.clone(), message_id: reply.id.clone() });
+        tokio::spawn(self.forward_reply(s, reply));
+        Ok(())
+    }
+
     /// Streams an AI reply's deltas to the session's sockets, then logs the
     /// final message. Answers the final message.
     async fn forward_reply(
@@ -294,9 +304,9 @@ impl Desk {
                     let event = BusEvent::Delta { session_id: s.id.clone(), message_id: message_id.clone(), text };
                     self.bus.publish(event);
                 }
-                // Not followed from the database: the desk forwards replies
-                // generated here.
-                ReplyEvent::Reset => {}
+                ReplyEvent::Reset => {
+                    self.bus.publish(BusEvent::Reset { session_id: s.id.clone(), message_id: message_id.clone() });
+                }
                 ReplyEvent::Finished(m) => {
                     if let Err(e) = self.record(&s, Lasting::Message(message_json(&s.id, &m))).await {
                         tracing::warn!(error = e.to_string().as_str(), "could not log a support reply");

@@ -359,7 +359,10 @@ async fn frame_for(state: &AppState, side: &Side, out: &Out, event: &BusEvent) -
             send(out, json!({ "type": "session", "session": session, "event_id": seq }))
         }
         // Consoles see a reply once it is finished.
-        (Side::Agent { .. }, BusEvent::Delta { .. }) => true,
+        (Side::Client { .. }, BusEvent::Reset { message_id, .. }) => {
+            send(out, json!({ "type": "reset", "message_id": message_id }))
+        }
+        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Reset { .. }) => true,
         (_, BusEvent::Queue) => queue_update(state, side, out).await,
         // The bus hands these to its subscribers as `BusMessage::Resync`.
         (_, BusEvent::Resync) => true,
@@ -399,7 +402,7 @@ async fn deliver(state: &AppState, side: &Side, out: &Out, e: Arc<BusEvent>, see
         (Side::Client { session_id }, e) => e.session_id() == Some(session_id.as_str()),
         (Side::Agent { .. }, BusEvent::Status { .. }) => true,
         (Side::Agent { id, .. }, BusEvent::Message { agent_id, .. }) => agent_id.as_deref() == Some(id.as_str()),
-        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Resync) => false,
+        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Reset { .. } | BusEvent::Resync) => false,
     };
     if !concerns_me {
         return true;

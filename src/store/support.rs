@@ -103,6 +103,10 @@ impl Store {
         self.support_session_where("s.client_token_hash = $1", token_hash).await
     }
 
+    pub async fn support_session_by_conversation(&self, id: &str) -> StoreResult<Option<SupportSessionRecord>> {
+        self.support_session_where("s.conversation_id = $1", id).await
+    }
+
     /// 1-based place in the queue, for a queued session.
     pub async fn queue_position(&self, s: &SupportSessionRecord) -> StoreResult<Option<i64>> {
         let Some(queued_at) = s.queued_at.filter(|_| s.status == SupportStatus::Queued) else { return Ok(None) };

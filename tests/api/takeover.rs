@@ -2,7 +2,8 @@
 //! taken over by a surviving instance on the same PostgreSQL and generated
 //! again from the start; a follower on the survivor gets `reset`, then the
 //! whole new text, and the stored reply ends `complete`. With
-//! `PALAVER_REPLY_TAKEOVER=false` it is marked failed (`interrupted`).
+//! `PALAVER_REPLY_TAKEOVER=false` it is marked failed (`interrupted`). A
+//! support visitor's socket on the survivor gets the same `reset`.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde_json::Value;
 use crate::helpers::{Db, Fetch, SseStream, TestApp, TestUser, delta_text, spawn_process_app_with};
 use crate::mock_llm::Script;
 use crate::streaming::until_first_delta;
+use crate::support_ws::{client_socket, until};
 
 /// A reply started on `a` and followed from `survivor` from its first delta;
 /// then `a` is killed. Answers the follower's events and the stored reply.
@@ -87,6 +89,47 @@ async fn without_takeover_a_killed_instances_reply_is_marked_failed() {
         assert_eq!((end.event.as_str(), &end.data["code"]), ("error", &Value::from("interrupted")), "{events:?}");
         assert_eq!(reply["status"], "failed");
         assert!(reply["content"].as_str().is_some_and(|c| !c.is_empty() && script.text().starts_with(c)));
+    })
+    .await;
+}
+
+/// The support desk's AI reply, generated on the instance that is killed:
+/// the visitor's socket on the survivor gets `reset`, the new text and the
+/// finished message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_support_reply_is_taken_over_and_reaches_the_visitor() {
+    two_instances(true, async |a, survivor| {
+        let script = Script::words(60, Duration::from_millis(50));
+        a.provider.stream(script.clone());
+        let v = crate::support::visitor(a, "taken").await;
+        let port: u16 = survivor.rsplit(':').next().unwrap().parse().unwrap();
+        let mut socket = client_socket(port, &v, None).await;
+        let mut log = Vec::new();
+        until(&mut socket, &mut log, "the greeting", |f| f["type"] == "status").await;
+        let asked = a
+            .post(&format!("/api/support/sessions/{}/messages", v.id))
+            .bearer_auth(&v.token)
+            .json(&serde_json::json!({ "content": "Where is my parcel?" }));
+        let pending = tokio::spawn(asked.send());
+        while a.provider.chunks_sent() < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.kill_server().await;
+        let _ = pending.await;
+
+        until(&mut socket, &mut log, "the reset", |f| f["type"] == "reset").await;
+        let from = log.len();
+        let done = until(&mut socket, &mut log, "the reply", |f| {
+            f["type"] == "message" && f["message"]["role"] == "assistant"
+        })
+        .await;
+        let text: String =
+            log[from..].iter().filter(|f| f["type"] == "delta").filter_map(|f| f["text"].as_str()).collect();
+        assert_eq!(text, script.text(), "the new text, whole: {log:#?}");
+        assert_eq!(
+            (&done["message"]["status"], &done["message"]["content"]),
+            (&Value::from("complete"), &Value::from(script.text()))
+        );
     })
     .await;
 }

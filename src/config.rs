@@ -326,6 +326,12 @@ pub struct ChatSettings {
     /// (at most this much is lost if the process is killed).
     #[arg(long, env = "PALAVER_STREAM_FLUSH_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000), global = true)]
     pub stream_flush_ms: u64,
+
+    /// A reply whose instance died is regenerated from the start by a
+    /// surviving one (once; the provider is paid again). Off: it is marked
+    /// failed (`interrupted`).
+    #[arg(long, env = "PALAVER_REPLY_TAKEOVER", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub reply_takeover: bool,
 }
 
 /// The support desk.

@@ -191,7 +191,13 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
     });
     let desk = Arc::new(crate::desk::Desk::new(
         chat.clone(),
-        crate::desk::bus::SupportBus::start(redis.as_ref(), &settings.server.redis_prefix, shutdown.clone()).await,
+        crate::desk::bus::SupportBus::start(
+            redis.as_ref(),
+            &settings.server.redis_prefix,
+            Arc::new(store.clone()),
+            shutdown.clone(),
+        )
+        .await,
         &settings.support,
         counters.clone(),
     ));
@@ -216,10 +222,14 @@ pub async fn build_state(settings: Settings, clock: Arc<dyn Clock>, ids: Arc<dyn
 
 const INTERRUPTED: &str = "interrupted: the server stopped while generating this reply";
 
-/// How long a streaming reply may go without a heartbeat before it counts
-/// as abandoned by a dead instance.
+/// How long a streaming reply may go without a heartbeat (its generator
+/// saves it every `PALAVER_STREAM_FLUSH_MS`) before it counts as abandoned by
+/// a dead instance. A reply that will be taken over gets a short lease, so its
+/// followers wait at most a few seconds; one that will only be marked failed
+/// is given longer.
 fn stream_lease_ms(settings: &Settings) -> i64 {
-    (settings.chat.stream_flush_ms as i64 * 5).max(10_000)
+    let flush = settings.chat.stream_flush_ms as i64;
+    if settings.chat.reply_takeover { (flush * 4).max(4_000) } else { (flush * 5).max(10_000) }
 }
 
 /// Replies left `streaming` by a process that died are marked failed, so
@@ -230,6 +240,8 @@ async fn recover_interrupted_replies(store: &Store, clock: &dyn Clock, settings:
     let now = clock.now_ms();
     let stale_before = match store.engine() {
         crate::store::Engine::Sqlite => i64::MAX,
+        // The sweeper takes them over.
+        crate::store::Engine::Postgres if settings.chat.reply_takeover => return Ok(()),
         crate::store::Engine::Postgres => now - stream_lease_ms(settings),
     };
     let n = store.fail_stale_streaming(INTERRUPTED, stale_before, now).await?;
@@ -279,21 +291,35 @@ fn spawn_flusher(state: Arc<AppState>, stop: CancellationToken) {
     });
 }
 
-/// Fails replies whose heartbeat stopped, except those running here: one
-/// of ours may look stale only because the database was away, and it will
-/// store its own final state.
+/// Replies whose heartbeat stopped, except those running here (one of ours
+/// may look stale only because the database was away, and it will store its
+/// own final state): taken over and regenerated here, once per reply, when
+/// `PALAVER_REPLY_TAKEOVER` allows; else, or the second time, marked failed.
 async fn sweep_abandoned_replies(
     state: &AppState,
     stale_before: i64,
     now: i64,
 ) -> Result<(), crate::store::StoreError> {
-    let mut failed = 0;
+    let (mut failed, mut taken) = (0, 0);
     for id in state.store.stale_streaming(stale_before, 500).await? {
-        if state.chat.replies.get(&id).is_none()
-            && state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await?
+        if state.chat.replies.get(&id).is_some() {
+            continue;
+        }
+        if state.settings.chat.reply_takeover
+            && let Some((reply, conversation)) = state.store.take_over_reply(&id, stale_before, now).await?
         {
+            let support = conversation.user_id == crate::store::SUPPORT_USER_ID;
+            state.chat.take_over(reply.clone(), conversation);
+            if support && let Err(e) = state.desk.clone().forward_taken_over(reply).await {
+                tracing::warn!(error = e.to_string().as_str(), "could not forward a taken-over support reply");
+            }
+            taken += 1;
+        } else if state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await? {
             failed += 1;
         }
+    }
+    if taken > 0 {
+        tracing::warn!(count = taken, "took over replies whose instance stopped; regenerating them here");
     }
     if failed > 0 {
         tracing::warn!(count = failed, "marked replies whose instance stopped as failed");

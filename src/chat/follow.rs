@@ -55,6 +55,12 @@ impl Chat {
                                 return;
                             }
                         }
+                        Ok(ReplyEvent::Reset) => {
+                            sent = 0;
+                            if tx.send(ReplyEvent::Reset).await.is_err() {
+                                return;
+                            }
+                        }
                         Ok(done @ ReplyEvent::Finished(_)) => {
                             let _ = tx.send(done).await;
                             return;
@@ -76,9 +82,10 @@ impl Chat {
                 }
             }
             // Not running here (or just finished): read the database until
-            // done. A reply that started over (its stream broke off while
-            // nobody watched it on its own instance) no longer begins with
-            // what was sent; this follower then waits for the final message.
+            // done. A reply that started over (taken over from a dead
+            // instance, or its stream broke off while nobody watched it on its
+            // own instance) no longer begins with what was sent: the follower
+            // is told to reset and gets the new text from its start.
             let mut seen = String::new();
             loop {
                 let current = match chat.store.message(&message.conversation_id, &message.id).await {
@@ -90,14 +97,17 @@ impl Chat {
                         continue;
                     }
                 };
-                let same_start = current.content.starts_with(seen.as_str());
-                if same_start {
-                    if !emit_from(&tx, &current.content, &mut sent).await {
+                if sent < usize::MAX && !current.content.starts_with(seen.as_str()) {
+                    if tx.send(ReplyEvent::Reset).await.is_err() {
                         return;
                     }
-                    if sent < usize::MAX {
-                        seen.clone_from(&current.content);
-                    }
+                    (sent, seen) = (0, String::new());
+                }
+                if !emit_from(&tx, &current.content, &mut sent).await {
+                    return;
+                }
+                if sent < usize::MAX {
+                    seen.clone_from(&current.content);
                 }
                 if current.status != MessageStatus::Streaming {
                     let _ = tx.send(ReplyEvent::Finished(Arc::new(current))).await;

@@ -16,10 +16,11 @@ use crate::{
 };
 
 impl Chat {
-    /// Runs a reply detached from the request that asked for it.
+    /// Runs a reply detached from the request that asked for it (`takeovers`:
+    /// how often it was taken over from a dead instance before).
     pub(super) fn start_generation(
         self: &Arc<Self>,
-        placeholder: &MessageRecord,
+        (placeholder, takeovers): (&MessageRecord, i64),
         user_id: &str,
         model: ModelId,
         conversation: ConversationRecord,
@@ -33,7 +34,7 @@ impl Chat {
         let counted = InFlight::count();
         self.replies.tasks.spawn(async move {
             let _counted = counted;
-            let heartbeat = tokio::spawn(chat.clone().keep_alive(live.clone()));
+            let heartbeat = tokio::spawn(chat.clone().keep_alive(live.clone(), takeovers));
             let (outcome, answered_by) = match chat.build_context(&conversation, &model, upto_seq).await {
                 Ok(context) => chat.generate(&live, &model, context, max_tokens).await,
                 Err(e) => (
@@ -45,7 +46,7 @@ impl Chat {
                 ),
             };
             heartbeat.abort();
-            let message = chat.finalize(&live, base, &answered_by, outcome).await;
+            let message = chat.finalize(&live, (base, takeovers), &answered_by, outcome).await;
             // A reply that ended without usage spent about what it wrote.
             let completion = message
                 .completion_tokens
@@ -54,6 +55,26 @@ impl Chat {
             live.finish(Arc::new(message));
             chat.replies.live.lock().expect("replies lock poisoned").remove(&live.message_id);
         });
+    }
+}
+
+impl Chat {
+    /// Regenerates, from the start, a reply whose instance died (claimed with
+    /// `Store::take_over_reply`): same context, same model. Its followers see
+    /// the text shrink and are told to `reset`.
+    pub fn take_over(self: &Arc<Self>, reply: MessageRecord, conversation: ConversationRecord) {
+        let model = reply
+            .model
+            .as_deref()
+            .and_then(|m| ModelId::parse(m).ok())
+            .filter(|m| self.providers.validate_model(&m.to_string()).is_ok())
+            .unwrap_or_else(|| self.providers.default_model().clone());
+        let user_id = conversation.user_id.clone();
+        let reservation = self.quota.unreserved(&user_id);
+        // The placeholder is stored right after the message it answers.
+        let upto_seq = reply.seq - 1;
+        // Taken over once: `take_over_reply` counted it.
+        self.start_generation((&reply, 1), &user_id, model, conversation, upto_seq, (reservation, None));
     }
 }
 
@@ -158,13 +179,13 @@ impl Chat {
     /// provider is still thinking), and how a cancel asked on another instance
     /// arrives. It runs beside the generator, so a slow database never holds
     /// up the text.
-    async fn keep_alive(self: Arc<Self>, live: Arc<LiveReply>) {
+    async fn keep_alive(self: Arc<Self>, live: Arc<LiveReply>, takeovers: i64) {
         let mut flush = tokio::time::interval(Duration::from_millis(self.settings.stream_flush_ms.max(10)));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.tick().await;
         loop {
             flush.tick().await;
-            match self.store.save_partial(&live.message_id, &live.text(), self.clock.now_ms()).await {
+            match self.store.save_partial(&live.message_id, &live.text(), self.clock.now_ms(), takeovers).await {
                 Ok(true) => live.cancel(),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = e.to_string().as_str(), "could not save a reply's partial text"),
@@ -179,7 +200,7 @@ impl Chat {
     async fn finalize(
         &self,
         live: &LiveReply,
-        mut message: MessageRecord,
+        (mut message, takeovers): (MessageRecord, i64),
         model: &ModelId,
         outcome: Outcome,
     ) -> MessageRecord {
@@ -224,6 +245,7 @@ impl Chat {
                 error: message.error.as_deref(),
                 error_code: message.error_code.as_deref(),
                 now: self.clock.now_ms(),
+                takeovers,
             };
             match self.store.finish_message(&message.id, update).await {
                 Ok(()) => {

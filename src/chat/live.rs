@@ -23,6 +23,9 @@ const FOLLOWER_BUFFER: usize = 256;
 pub enum ReplyEvent {
     /// New text; `offset` is the reply's length in bytes after it.
     Delta { text: String, offset: usize },
+    /// The reply starts over from nothing (another instance took it over from
+    /// a dead one): what was shown is void, the deltas that follow are the text.
+    Reset,
     /// The final message (complete, failed or cancelled); always last.
     Finished(Arc<MessageRecord>),
 }

@@ -109,7 +109,7 @@ impl Chat {
             stored.assistant.ok_or_else(|| anyhow::anyhow!("a send stored no reply placeholder"))?;
         if stored.fresh {
             self.start_generation(
-                &assistant_message,
+                (&assistant_message, 0),
                 &req.payer.user_id,
                 model,
                 stored.conversation,

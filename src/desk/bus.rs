@@ -16,91 +16,21 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::views::{SupportMessageView, SupportSessionView};
+pub use super::events::{BusEvent, BusMessage};
+use super::order::{EventLog, Sequencer};
 use crate::redis_link::RedisLink;
 
 /// Events a slow socket may fall behind before it resynchronises from the log.
 const LOCAL_BUFFER: usize = 4096;
 
-/// What happened at the desk, as the bus carries it (and Redis, as JSON
-/// tagged by `kind`). `seq` is the event's place in the session's log;
-/// `agent_id` the agent holding the session when it happened.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum BusEvent {
-    /// A message of a session (logged).
-    Message { session_id: String, seq: i64, agent_id: Option<String>, message: SupportMessageView },
-    /// A session's status changed (logged).
-    Status { session_id: String, seq: i64, agent_id: Option<String>, session: SupportSessionView },
-    /// Text of an AI reply as it is written (not logged: the reply's
-    /// message is, once it is finished).
-    Delta { session_id: String, message_id: String, text: String },
-    /// Queue positions and the agents' queue view changed.
-    Queue,
-    /// Asks every instance to re-read the log: events may have been missed.
-    Resync,
-}
-
-impl BusEvent {
-    /// A logged event as the log holds it: `(kind, payload)`.
-    pub fn to_log(&self) -> Option<(&'static str, String)> {
-        match self {
-            BusEvent::Message { message, .. } => Some(("message", serde_json::to_string(message).ok()?)),
-            BusEvent::Status { session, .. } => Some(("status", serde_json::to_string(session).ok()?)),
-            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
-        }
-    }
-
-    /// A logged event read back from the log; `None` for a kind (or a
-    /// payload) this version does not know.
-    pub fn from_log(seq: i64, session_id: &str, kind: &str, payload: &str) -> Option<Self> {
-        let session_id = session_id.to_owned();
-        match kind {
-            "message" => {
-                let message = serde_json::from_str(payload).ok()?;
-                Some(BusEvent::Message { session_id, seq, agent_id: None, message })
-            }
-            "status" => {
-                let session = serde_json::from_str(payload).ok()?;
-                Some(BusEvent::Status { session_id, seq, agent_id: None, session })
-            }
-            _ => None,
-        }
-    }
-
-    pub fn session_id(&self) -> Option<&str> {
-        match self {
-            BusEvent::Message { session_id, .. }
-            | BusEvent::Status { session_id, .. }
-            | BusEvent::Delta { session_id, .. } => Some(session_id),
-            BusEvent::Queue | BusEvent::Resync => None,
-        }
-    }
-
-    /// The event's place in the log, for logged events.
-    pub fn seq(&self) -> Option<i64> {
-        match self {
-            BusEvent::Message { seq, .. } | BusEvent::Status { seq, .. } => Some(*seq),
-            BusEvent::Delta { .. } | BusEvent::Queue | BusEvent::Resync => None,
-        }
-    }
-}
-
-/// What a subscriber receives.
-#[derive(Debug, Clone)]
-pub enum BusMessage {
-    /// Shared: every socket of the instance receives the same event.
-    Event(Arc<BusEvent>),
-    /// Events may have been missed: re-read the log.
-    Resync,
-}
-
 pub struct SupportBus {
     local: Local,
+    /// Where every event for this instance's sockets goes first: it hands
+    /// them to `local` in log order.
+    order: Sequencer,
     /// With Redis: events waiting for the publisher task, in order.
     outbox: Option<mpsc::Sender<BusEvent>>,
     /// Set when an event reached only this instance: the publisher task then
@@ -116,9 +46,14 @@ const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 impl SupportBus {
     /// An in-process bus; with a Redis client, also the subscriber task that
     /// feeds it from Redis and the publisher task that feeds Redis (both
-    /// reconnecting until `stop`).
+    /// reconnecting until `stop`). `log` fills what did not come round.
     /// Events go through the Redis channel `<prefix>:support`.
-    pub async fn start(redis: Option<&redis::Client>, prefix: &str, stop: CancellationToken) -> Self {
+    pub async fn start(
+        redis: Option<&redis::Client>,
+        prefix: &str,
+        log: Arc<dyn EventLog>,
+        stop: CancellationToken,
+    ) -> Self {
         let local = Local {
             agents: broadcast::channel(LOCAL_BUFFER).0,
             clients: broadcast::channel(LOCAL_BUFFER).0,
@@ -126,13 +61,15 @@ impl SupportBus {
             queue_generation: Default::default(),
         };
         let owes_resync = Arc::new(AtomicBool::new(false));
-        let Some(client) = redis else { return Self { local, outbox: None, owes_resync } };
+        let to_sockets = local.clone();
+        let order = Sequencer::start(log, move |m| to_sockets.send(m), stop.clone());
+        let Some(client) = redis else { return Self { local, order, outbox: None, owes_resync } };
         let channel = format!("{prefix}:support");
-        let subscriber = Subscriber(local.clone());
+        let subscriber = Subscriber(order.clone());
         tokio::spawn(crate::redis_link::follow(client.clone(), channel.clone(), "support", stop.clone(), subscriber));
         let (outbox, pending) = mpsc::channel(OUTBOX);
-        tokio::spawn(publish_loop(client.clone(), channel, pending, local.clone(), owes_resync.clone(), stop));
-        Self { local, outbox: Some(outbox), owes_resync }
+        tokio::spawn(publish_loop(client.clone(), channel, pending, order.clone(), owes_resync.clone(), stop));
+        Self { local, order, outbox: Some(outbox), owes_resync }
     }
 
     /// What a visitor's socket needs: its session's events, queue changes
@@ -170,7 +107,7 @@ impl SupportBus {
                 }
             },
         };
-        self.local.send(BusMessage::Event(Arc::new(event)));
+        self.order.send(BusMessage::Event(Arc::new(event)));
     }
 }
 
@@ -223,7 +160,9 @@ impl Local {
                     let _ = topic.send(message.clone());
                 }
             }
-            BusEvent::Delta { session_id, .. } => to_session(&topics(), session_id),
+            BusEvent::Delta { session_id, .. } | BusEvent::Reset { session_id, .. } => {
+                to_session(&topics(), session_id)
+            }
         }
     }
 
@@ -280,7 +219,7 @@ async fn publish_loop(
     client: redis::Client,
     channel: String,
     mut pending: mpsc::Receiver<BusEvent>,
-    local: Local,
+    local: Sequencer,
     owes_resync: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
@@ -316,7 +255,7 @@ async fn publish_loop(
 
 /// Feeds this instance's sockets from the Redis channel; every
 /// (re)subscription resyncs them, as events may have been missed.
-struct Subscriber(Local);
+struct Subscriber(Sequencer);
 
 impl crate::redis_link::Follower for Subscriber {
     fn subscribed(&mut self, first: bool) {
@@ -339,12 +278,22 @@ impl crate::redis_link::Follower for Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        desk::views::{SupportMessageView, SupportSessionView},
+        store::SupportEventRecord,
+    };
+
+    thread_local! {
+        /// Ids in order, as the log gives them out (each test has a thread).
+        static NEXT_SEQ: std::cell::Cell<i64> = const { std::cell::Cell::new(1) };
+    }
 
     fn event(kind: &str, session: &str, agent: Option<&str>) -> BusEvent {
         let (session_id, agent_id) = (session.to_owned(), agent.map(str::to_owned));
+        let seq = NEXT_SEQ.replace(NEXT_SEQ.get() + 1);
         match kind {
-            "message" => BusEvent::Message { session_id, seq: 1, agent_id, message: message(session) },
-            "status" => BusEvent::Status { session_id, seq: 1, agent_id, session: status(session) },
+            "message" => BusEvent::Message { session_id, seq, agent_id, message: message(session) },
+            "status" => BusEvent::Status { session_id, seq, agent_id, session: status(session) },
             "queue" => BusEvent::Queue,
             other => panic!("no test event of kind {other}"),
         }
@@ -384,6 +333,7 @@ mod tests {
             BusEvent::Message { .. } => "message",
             BusEvent::Status { .. } => "status",
             BusEvent::Delta { .. } => "delta",
+            BusEvent::Reset { .. } => "reset",
             BusEvent::Queue => "queue",
             BusEvent::Resync => "resync",
         }
@@ -396,10 +346,30 @@ mod tests {
         assert_eq!(wire["kind"], "message");
         assert_eq!(serde_json::from_value::<BusEvent>(wire).unwrap(), e);
         let (kind, payload) = e.to_log().unwrap();
-        let back = BusEvent::from_log(1, "s1", kind, &payload).unwrap();
-        assert_eq!((back.seq(), back.session_id()), (Some(1), Some("s1")));
+        let record = |kind: &str, payload: &str| SupportEventRecord {
+            seq: e.seq().unwrap(),
+            session_id: "s1".into(),
+            agent_id: Some("a1".into()),
+            kind: kind.into(),
+            payload: payload.into(),
+        };
+        assert_eq!(BusEvent::from_record(&record(kind, &payload)).unwrap(), e, "routed like the live event");
         assert!(BusEvent::Queue.to_log().is_none());
-        assert!(BusEvent::from_log(2, "s1", "from-a-newer-version", "{}").is_none());
+        assert!(BusEvent::from_record(&record("from-a-newer-version", "{}")).is_none());
+    }
+
+    /// A log with nothing in it: tests publish every id in order.
+    struct NoLog;
+
+    #[async_trait::async_trait]
+    impl EventLog for NoLog {
+        async fn between(&self, _: i64, _: i64) -> crate::store::StoreResult<Vec<SupportEventRecord>> {
+            Ok(Vec::new())
+        }
+
+        async fn last(&self) -> crate::store::StoreResult<i64> {
+            Ok(0)
+        }
     }
 
     /// The next message within a moment, if any.
@@ -413,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_reach_only_the_sockets_they_are_for() {
-        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let bus = SupportBus::start(None, "test", Arc::new(NoLog), CancellationToken::new()).await;
         let (mut a, mut b) = (bus.subscribe_client("a"), bus.subscribe_client("b"));
         let mut alice = bus.subscribe_agent("alice");
         let mut bob = bus.subscribe_agent("bob");
@@ -433,15 +403,15 @@ mod tests {
         // Queue changes: everyone, and the queue generation moves first.
         let generation = bus.queue_generation();
         bus.publish(event("queue", "", None));
-        assert_eq!(bus.queue_generation(), generation + 1);
         for sub in [&mut a, &mut b, &mut alice, &mut bob] {
             assert_eq!(next(sub).await.as_deref(), Some("queue "));
+            assert_eq!(bus.queue_generation(), generation + 1);
         }
     }
 
     #[tokio::test]
     async fn a_topic_lives_as_long_as_its_last_socket() {
-        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let bus = SupportBus::start(None, "test", Arc::new(NoLog), CancellationToken::new()).await;
         let topics = || bus.local.topics.lock().unwrap().len();
         let first = bus.subscribe_client("a");
         let mut second = bus.subscribe_client("a");
@@ -458,11 +428,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_socket_that_falls_behind_is_told_to_resync() {
-        let bus = SupportBus::start(None, "test", CancellationToken::new()).await;
+        let bus = SupportBus::start(None, "test", Arc::new(NoLog), CancellationToken::new()).await;
         let mut slow = bus.subscribe_client("a");
         for _ in 0..TOPIC_BUFFER + 10 {
             bus.publish(event("message", "a", None));
         }
+        // The socket reads only once the bus has handed everything on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(next(&mut slow).await.as_deref(), Some("resync"));
     }
 }

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 
 pub mod bus;
+pub mod events;
+pub mod order;
 pub mod views;
 
 use bus::{BusEvent, SupportBus};
@@ -138,7 +140,8 @@ impl Desk {
             Lasting::Status(v) => ("status", serde_json::to_string(v)),
         };
         let payload = payload.map_err(anyhow::Error::from)?;
-        let seq = self.store.append_support_event(&s.id, kind, &payload, self.clock.now_ms()).await?;
+        let (agent, now) = (s.assigned_agent.as_deref(), self.clock.now_ms());
+        let seq = self.store.append_support_event(&s.id, agent, kind, &payload, now).await?;
         let (session_id, agent_id) = (s.id.clone(), s.assigned_agent.clone());
         let event = match what {
             Lasting::Message(message) => BusEvent::Message { session_id, seq, agent_id, message },
@@ -274,6 +277,16 @@ impl Desk {
         Ok(ClientSend { message: sent.user_message, reply })
     }
 
+    /// A reply of a session taken over from a dead instance (and now
+    /// generated here): the visitor is told it starts again, then gets it
+    /// like any other, and its final message is logged.
+    pub async fn forward_taken_over(self: Arc<Self>, reply: MessageRecord) -> Result<(), Error> {
+        let Some(s) = self.store.support_session_by_conversation(&reply.conversation_id).await? else { return Ok(()) };
+        self.bus.publish(BusEvent::Reset { session_id: s.id.clone(), message_id: reply.id.clone() });
+        tokio::spawn(self.forward_reply(s, reply));
+        Ok(())
+    }
+
     /// Streams an AI reply's deltas to the session's sockets, then logs the
     /// final message. Answers the final message.
     async fn forward_reply(
@@ -290,6 +303,9 @@ impl Desk {
                 ReplyEvent::Delta { text, .. } => {
                     let event = BusEvent::Delta { session_id: s.id.clone(), message_id: message_id.clone(), text };
                     self.bus.publish(event);
+                }
+                ReplyEvent::Reset => {
+                    self.bus.publish(BusEvent::Reset { session_id: s.id.clone(), message_id: message_id.clone() });
                 }
                 ReplyEvent::Finished(m) => {
                     if let Err(e) = self.record(&s, Lasting::Message(message_json(&s.id, &m))).await {

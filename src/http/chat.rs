@@ -64,7 +64,7 @@ pub async fn chat(
 #[utoipa::path(post, path = "/api/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatBody,
     params(IdempotencyKey),
     responses((status = 200, content_type = "text/event-stream",
-        description = "`conversation` → `user_message` → `delta`… → `done` | `error`"),
+        description = "`conversation` → `user_message` → `delta`… → `done` | `error`; a `reset` (then the text again from its start) when another instance took the reply over"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn chat_stream(
     State(state): State<Arc<AppState>>,

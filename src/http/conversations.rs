@@ -213,7 +213,7 @@ pub struct Exchange {
 #[utoipa::path(post, path = "/api/conversations/{id}/messages", tag = "conversations", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path), IdempotencyKey), request_body = PostMessageBody,
     responses((status = 201, body = Exchange), (status = 200, content_type = "text/event-stream",
-        description = "With `Accept: text/event-stream`: `user_message` → `delta`… → `done` | `error`"),
+        description = "With `Accept: text/event-stream`: `user_message` → `delta`… → `done` | `error`; a `reset` (then the text again from its start) when another instance took the reply over"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 502, body = ErrorBody), (status = 504, body = ErrorBody)))]
 pub async fn post_message(

@@ -173,6 +173,20 @@ impl Outbox {
         }
     }
 
+    /// Waits (a heartbeat at most) until the queue has room for a frame: a
+    /// replay from the log may be longer than the queue, and a client that
+    /// reads is not slow. False when the socket is gone or stays full.
+    pub(super) async fn room(&self) -> bool {
+        match tokio::time::timeout(HEARTBEAT, self.tx.reserve()).await {
+            Ok(Ok(_permit)) => true,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.overflow.cancel();
+                false
+            }
+        }
+    }
+
     pub(super) fn error(&self, request_id: Option<&str>, e: &ApiError) -> bool {
         self.send(json!({ "type": "error", "request_id": request_id, "detail": e.detail(), "code": e.code() }))
     }

@@ -54,7 +54,8 @@ fn event(name: &str, id: String, data: Value) -> Event {
     Event::default().event(name).id(id).data(data.to_string())
 }
 
-/// The SSE events of a reply from byte `from`: deltas, then `done` (or
+/// The SSE events of a reply from byte `from`: deltas (after a `reset`, the
+/// taken-over reply's text from its start), then `done` (or
 /// `error` for a failed reply).
 fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> impl Stream<Item = Event> + Send {
     let message_id = assistant.id.clone();
@@ -62,6 +63,7 @@ fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> 
         ReplyEvent::Delta { text, offset } => {
             event("delta", offset.to_string(), json!({ "message_id": message_id, "text": text }))
         }
+        ReplyEvent::Reset => event("reset", "0:reset".to_owned(), json!({ "message_id": message_id })),
         ReplyEvent::Finished(m) => {
             let id = format!("{}:end", m.content.len());
             if m.status == MessageStatus::Failed {
@@ -117,7 +119,7 @@ fn resume_offset(headers: &HeaderMap) -> ApiResult<Option<usize>> {
 #[utoipa::path(get, path = "/api/conversations/{id}/messages/{message_id}/stream", tag = "conversations",
     security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path), ("message_id" = uuid::Uuid, Path), LastEventId),
-    responses((status = 200, content_type = "text/event-stream", description = "`delta`… → `done` | `error`"),
+    responses((status = 200, content_type = "text/event-stream", description = "`delta`… → `done` | `error`; a `reset` (then the text again from its start) when another instance took the reply over"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<Arc<AppState>>,

@@ -293,60 +293,51 @@ async fn run(state: Arc<AppState>, side: Side, socket: WebSocket, since: i64) {
     metrics::gauge!("palaver_open_sockets", "kind" => kind).decrement(1.0);
 }
 
-/// Which logged events a socket has been sent. Event ids are allocated
-/// before their transactions commit, so on PostgreSQL a lower id can become
-/// visible after a higher one: a high-water mark alone could skip it, so the
-/// recent ids delivered are remembered too.
+/// The last logged event a socket has been sent. Event ids are given out in
+/// commit order and the bus delivers them in that order, so one high-water
+/// mark says what is new: a replay from the log after it misses nothing.
 struct Seen {
     high: i64,
-    recent: std::collections::BTreeSet<i64>,
 }
 
 impl Seen {
-    const REMEMBERED: usize = 4096;
-
     fn starting_at(since: i64) -> Self {
-        Self { high: since, recent: Default::default() }
+        Self { high: since }
     }
 
     /// Records `seq`; false if it was delivered before.
     fn first_time(&mut self, seq: i64) -> bool {
-        if seq <= self.high - Self::REMEMBERED as i64 || !self.recent.insert(seq) {
+        if seq <= self.high {
             return false;
         }
-        if self.recent.len() > Self::REMEMBERED {
-            self.recent.pop_first();
-        }
-        self.high = self.high.max(seq);
+        self.high = seq;
         true
-    }
-
-    /// Where a log read starts: a little before the high-water mark, to pick
-    /// up late commits (what was delivered already is skipped).
-    fn read_from(&self) -> i64 {
-        self.recent.first().map_or(self.high, |low| (low - 1).max(self.high - 64))
     }
 }
 
-/// Sends the log's events not delivered yet that concern this side.
+/// Sends the log's events after the last one delivered that concern this
+/// side, all of them (in batches).
 async fn replay(state: &AppState, side: &Side, out: &Out, seen: &mut Seen) -> bool {
-    let from = seen.read_from();
-    let events = match side {
-        Side::Client { session_id } => state.store.support_events_since(Some(session_id), None, from).await,
-        Side::Agent { id, .. } => state.store.support_events_since(None, Some(id), from).await,
-    };
-    let Ok(events) = events else { return true };
-    for e in events {
-        if seen.first_time(e.seq) && !send_logged(state, side, out, &e).await {
-            return false;
+    loop {
+        let events = match side {
+            Side::Client { session_id } => state.store.support_events_since(Some(session_id), None, seen.high).await,
+            Side::Agent { id, .. } => state.store.support_events_since(None, Some(id), seen.high).await,
+        };
+        let Ok(events) = events else { return true };
+        for e in &events {
+            if !out.outbox.room().await || (seen.first_time(e.seq) && !send_logged(state, side, out, e).await) {
+                return false;
+            }
+        }
+        if events.len() < crate::store::REPLAY_LIMIT as usize {
+            return true;
         }
     }
-    true
 }
 
 /// A logged event as this side's frame; false when the socket should end.
 async fn send_logged(state: &AppState, side: &Side, out: &Out, e: &SupportEventRecord) -> bool {
-    match BusEvent::from_log(e.seq, &e.session_id, &e.kind, &e.payload) {
+    match BusEvent::from_record(e) {
         Some(event) => frame_for(state, side, out, &event).await,
         None => true,
     }
@@ -368,7 +359,10 @@ async fn frame_for(state: &AppState, side: &Side, out: &Out, event: &BusEvent) -
             send(out, json!({ "type": "session", "session": session, "event_id": seq }))
         }
         // Consoles see a reply once it is finished.
-        (Side::Agent { .. }, BusEvent::Delta { .. }) => true,
+        (Side::Client { .. }, BusEvent::Reset { message_id, .. }) => {
+            send(out, json!({ "type": "reset", "message_id": message_id }))
+        }
+        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Reset { .. }) => true,
         (_, BusEvent::Queue) => queue_update(state, side, out).await,
         // The bus hands these to its subscribers as `BusMessage::Resync`.
         (_, BusEvent::Resync) => true,
@@ -408,7 +402,7 @@ async fn deliver(state: &AppState, side: &Side, out: &Out, e: Arc<BusEvent>, see
         (Side::Client { session_id }, e) => e.session_id() == Some(session_id.as_str()),
         (Side::Agent { .. }, BusEvent::Status { .. }) => true,
         (Side::Agent { id, .. }, BusEvent::Message { agent_id, .. }) => agent_id.as_deref() == Some(id.as_str()),
-        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Resync) => false,
+        (Side::Agent { .. }, BusEvent::Delta { .. } | BusEvent::Reset { .. } | BusEvent::Resync) => false,
     };
     if !concerns_me {
         return true;
@@ -511,13 +505,12 @@ mod tests {
     use super::Seen;
 
     #[test]
-    fn late_lower_ids_are_delivered_once() {
+    fn an_event_is_delivered_once_and_only_after_the_last_one() {
         let mut seen = Seen::starting_at(10);
+        assert!(!seen.first_time(10), "since= is the last id the client saw");
         assert!(seen.first_time(12));
-        assert!(seen.first_time(11), "a lower id that committed late still counts");
+        assert!(!seen.first_time(11), "ids arrive in order: a lower one was delivered or never was");
         assert!(!seen.first_time(12));
-        assert!(!seen.first_time(11));
         assert_eq!(seen.high, 12);
-        assert!(seen.read_from() <= 10);
     }
 }

@@ -1,5 +1,6 @@
 //! The chat WebSocket `/api/ws` (SPEC §3): `message`, `cancel` and `ping`
-//! frames in; `user_message`, `delta`, `done`, `error` and `pong` out, each
+//! frames in; `user_message`, `delta`, `reset` (a reply taken over from a dead
+//! instance starts again), `done`, `error` and `pong` out, each
 //! tagged with the client's `request_id`. Replies run detached (a dropped
 //! socket does not stop them); `request_id` is an idempotency key, so a
 //! client that resends after reconnecting re-attaches instead of sending
@@ -254,6 +255,7 @@ async fn handle_message(
             ReplyEvent::Delta { text, .. } => {
                 outbox.send(json!({ "type": "delta", "request_id": rid, "message_id": message_id, "text": text }))
             }
+            ReplyEvent::Reset => outbox.send(json!({ "type": "reset", "request_id": rid, "message_id": message_id })),
             ReplyEvent::Finished(m) if m.status == MessageStatus::Failed => {
                 outbox.error(rid, &reply_failure(&m, Default::default()))
             }

@@ -462,6 +462,16 @@ impl Drop for Reservation {
     }
 }
 
+impl Quota {
+    /// A reservation that holds nothing and settles to `user_id`'s usage: a
+    /// reply taken over from a dead instance (its first reservation expires).
+    pub fn unreserved(self: &Arc<Self>, user_id: &str) -> Reservation {
+        let payer =
+            Payer { user_id: user_id.to_owned(), user_budget: None, key_id: None, key_budget: None, key_rpm: None };
+        Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(&payer) }
+    }
+}
+
 /// Milliseconds as OpenAI writes a reset (`1s`, `6m0s`, `0.25s`).
 pub fn reset_text(ms: i64) -> String {
     let ms = ms.max(0);

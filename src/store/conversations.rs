@@ -103,6 +103,9 @@ pub struct MessageUpdate<'a> {
     pub error: Option<&'a str>,
     pub error_code: Option<&'a str>,
     pub now: i64,
+    /// How often the reply had been taken over when this generator started:
+    /// a generator that lost its reply to another instance writes nothing.
+    pub takeovers: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -321,7 +324,8 @@ impl Store {
     pub async fn finish_message(&self, id: &str, u: MessageUpdate<'_>) -> StoreResult<()> {
         sqlx::query(
             "UPDATE messages SET content = $1, status = $2, model = COALESCE($3, model), prompt_tokens = $4, \
-             completion_tokens = $5, usage_estimated = $6, error = $7, updated_at = $8, error_code = $10 WHERE id = $9",
+             completion_tokens = $5, usage_estimated = $6, error = $7, updated_at = $8, error_code = $10 \
+             WHERE id = $9 AND takeovers = $11",
         )
         .bind(u.content)
         .bind(u.status.as_str())
@@ -333,6 +337,7 @@ impl Store {
         .bind(u.now)
         .bind(id)
         .bind(u.error_code)
+        .bind(u.takeovers)
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
@@ -366,6 +371,44 @@ impl Store {
             .map_err(map_err)
     }
 
+    /// Claims a stale `streaming` reply for regeneration here: its text is
+    /// emptied and its heartbeat renewed, once per reply (a reply taken over
+    /// before is not). Answers the reply and its conversation when this
+    /// instance won it.
+    pub async fn take_over_reply(
+        &self,
+        id: &str,
+        stale_before: i64,
+        now: i64,
+    ) -> StoreResult<Option<(MessageRecord, ConversationRecord)>> {
+        let done = sqlx::query(
+            "UPDATE messages SET takeovers = takeovers + 1, content = '', updated_at = $1 \
+             WHERE id = $2 AND status = 'streaming' AND updated_at < $3 AND takeovers = 0",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(map_err)?;
+        let Some(reply) = row.map(|r| MessageRecord::from_row(&r)).transpose().map_err(map_err)? else {
+            return Ok(None);
+        };
+        let sql = format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(&reply.conversation_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let conversation = row.map(|r| ConversationRecord::from_row(&r)).transpose().map_err(map_err)?;
+        Ok(conversation.map(|c| (reply, c)))
+    }
+
     /// Marks one stale `streaming` message failed (if it still is); true when it was.
     pub async fn fail_streaming(&self, id: &str, error: &str, stale_before: i64, now: i64) -> StoreResult<bool> {
         let done = sqlx::query(
@@ -382,16 +425,19 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Saves the text a reply has so far; also proves its generator alive.
-    /// Answers whether another instance asked for the reply to be cancelled.
-    pub async fn save_partial(&self, id: &str, content: &str, now: i64) -> StoreResult<bool> {
+    /// Saves the text a reply has so far; also proves its generator alive
+    /// (the one that started after `takeovers` takeovers: one that lost the
+    /// reply to another instance writes nothing). Answers whether another
+    /// instance asked for the reply to be cancelled.
+    pub async fn save_partial(&self, id: &str, content: &str, now: i64, takeovers: i64) -> StoreResult<bool> {
         let row = sqlx::query(
             "UPDATE messages SET content = $1, updated_at = $2 WHERE id = $3 AND status = 'streaming' \
-             RETURNING error_code",
+             AND takeovers = $4 RETURNING error_code",
         )
         .bind(content)
         .bind(now)
         .bind(id)
+        .bind(takeovers)
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;

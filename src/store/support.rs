@@ -4,7 +4,7 @@
 
 use sqlx::{AssertSqlSafe, any::AnyRow};
 
-use super::{ConversationRecord, Store, StoreResult, get, map_err, parse_col};
+use super::{ConversationRecord, Engine, Store, StoreResult, get, map_err, parse_col};
 use crate::domain::support::SupportStatus;
 
 /// The built-in account that owns support conversations (created by the
@@ -49,6 +49,7 @@ impl SupportSessionRecord {
 pub struct SupportEventRecord {
     pub seq: i64,
     pub session_id: String,
+    pub agent_id: Option<String>,
     pub kind: String,
     pub payload: String,
 }
@@ -57,7 +58,7 @@ const SESSION_COLUMNS: &str = "s.id, s.conversation_id, s.client_name, s.client_
      s.queued_at, s.assigned_agent, COALESCE(a.display_name, a.username, a.email) AS agent_name, s.created_at, s.updated_at";
 const SESSION_FROM: &str = "support_sessions s LEFT JOIN users a ON a.id = s.assigned_agent";
 /// Most events replayed at once; a client further behind reloads messages.
-const REPLAY_LIMIT: i64 = 1000;
+pub const REPLAY_LIMIT: i64 = 1000;
 
 impl Store {
     /// Creates a session and its conversation in one transaction.
@@ -100,6 +101,10 @@ impl Store {
 
     pub async fn support_session_by_token(&self, token_hash: &str) -> StoreResult<Option<SupportSessionRecord>> {
         self.support_session_where("s.client_token_hash = $1", token_hash).await
+    }
+
+    pub async fn support_session_by_conversation(&self, id: &str) -> StoreResult<Option<SupportSessionRecord>> {
+        self.support_session_where("s.conversation_id = $1", id).await
     }
 
     /// 1-based place in the queue, for a queued session.
@@ -242,23 +247,36 @@ impl Store {
     }
 
     /// Appends to a session's event log; answers the event's sequence number.
+    ///
+    /// Ids are given out in commit order: on SQLite the one writer does it,
+    /// on PostgreSQL an advisory lock held until the insert commits. So once
+    /// an event is visible, every lower id is committed or was abandoned, and
+    /// nobody reading the log after `since` can miss one that commits later.
     pub async fn append_support_event(
         &self,
         session_id: &str,
+        agent_id: Option<&str>,
         kind: &str,
         payload: &str,
         now: i64,
     ) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "INSERT INTO support_events (session_id, kind, payload, created_at) VALUES ($1, $2, $3, $4) RETURNING seq",
-        )
-        .bind(session_id)
-        .bind(kind)
-        .bind(payload)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)
+        let sql = match self.engine() {
+            Engine::Sqlite => {
+                "INSERT INTO support_events (session_id, agent_id, kind, payload, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING seq"
+            }
+            Engine::Postgres => {
+                "WITH turn AS (SELECT pg_advisory_xact_lock($6) AS held) \
+                 INSERT INTO support_events (session_id, agent_id, kind, payload, created_at) \
+                 SELECT $1, $2, $3, $4, $5 FROM turn RETURNING seq"
+            }
+        };
+        let query = sqlx::query_scalar(sql).bind(session_id).bind(agent_id).bind(kind).bind(payload).bind(now);
+        let query = match self.engine() {
+            Engine::Sqlite => query,
+            Engine::Postgres => query.bind(EVENT_ORDER_LOCK),
+        };
+        query.fetch_one(&self.pool).await.map_err(map_err)
     }
 
     /// Events after `since` of one session (a client), or of the sessions an
@@ -269,28 +287,60 @@ impl Store {
         agent_id: Option<&str>,
         since: i64,
     ) -> StoreResult<Vec<SupportEventRecord>> {
-        let rows = sqlx::query(
-            "SELECT seq, session_id, kind, payload FROM support_events WHERE seq > $1 AND \
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM support_events WHERE seq > $1 AND \
              (session_id = $2 OR session_id IN (SELECT id FROM support_sessions WHERE assigned_agent = $3)) \
-             ORDER BY seq LIMIT $4",
-        )
-        .bind(since)
-        .bind(session_id.unwrap_or(""))
-        .bind(agent_id.unwrap_or(""))
-        .bind(REPLAY_LIMIT)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(SupportEventRecord {
-                    seq: get(r, "seq")?,
-                    session_id: get(r, "session_id")?,
-                    kind: get(r, "kind")?,
-                    payload: get(r, "payload")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(map_err)
+             ORDER BY seq LIMIT $4"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(since)
+            .bind(session_id.unwrap_or(""))
+            .bind(agent_id.unwrap_or(""))
+            .bind(REPLAY_LIMIT)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        event_records(&rows)
     }
+
+    /// Every session's events with `after < seq < before`, oldest first: the
+    /// ones an instance has not heard of when a later one reached it.
+    pub async fn support_events_between(&self, after: i64, before: i64) -> StoreResult<Vec<SupportEventRecord>> {
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM support_events WHERE seq > $1 AND seq < $2 ORDER BY seq LIMIT $3");
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(after)
+            .bind(before)
+            .bind(REPLAY_LIMIT)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        event_records(&rows)
+    }
+
+    /// The id of the last event logged (0 for none).
+    pub async fn last_support_event(&self) -> StoreResult<i64> {
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM support_events").fetch_one(&self.pool).await.map_err(map_err)?;
+        Ok(last.unwrap_or(0))
+    }
+}
+
+/// The advisory lock that orders support events on PostgreSQL.
+const EVENT_ORDER_LOCK: i64 = 0x5041_4c56_0016;
+const EVENT_COLUMNS: &str = "seq, session_id, agent_id, kind, payload";
+
+fn event_records(rows: &[AnyRow]) -> StoreResult<Vec<SupportEventRecord>> {
+    rows.iter()
+        .map(|r| {
+            Ok(SupportEventRecord {
+                seq: get(r, "seq")?,
+                session_id: get(r, "session_id")?,
+                agent_id: get(r, "agent_id")?,
+                kind: get(r, "kind")?,
+                payload: get(r, "payload")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(map_err)
 }

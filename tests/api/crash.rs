@@ -36,7 +36,8 @@ async fn a_reply_killed_mid_stream_is_failed_with_its_partial_text(mut app: Test
     app.kill_server().await;
     drop(stream);
 
-    app.restart().await;
+    // Without takeover (tests/api/takeover.rs has it on), the reply is failed.
+    app.restart_with(|s| s.chat.reply_takeover = false).await;
     let user = app.login_as(&user).await;
     // PostgreSQL fails a reply only once its heartbeat is 10 s old.
     let reply = app.settled_message(&user, &conversation, &reply_id, Duration::from_secs(25)).await;

@@ -419,6 +419,7 @@ async fn start_process_limited(settings: &Settings, n: usize, open_files: Option
         .env("PALAVER_PROVIDER_TIMEOUT", settings.providers.provider_timeout.to_string())
         .env("PALAVER_PROVIDER_IDLE_TIMEOUT", settings.providers.provider_idle_timeout.to_string())
         .env("PALAVER_STREAM_FLUSH_MS", settings.chat.stream_flush_ms.to_string())
+        .env("PALAVER_REPLY_TAKEOVER", settings.chat.reply_takeover.to_string())
         .env("PALAVER_SHUTDOWN_GRACE", settings.server.shutdown_grace.to_string())
         .env("PALAVER_HEADER_READ_TIMEOUT", settings.server.header_read_timeout.to_string())
         .env("PALAVER_IDLE_TIMEOUT", settings.server.idle_timeout.to_string())

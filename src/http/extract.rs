@@ -379,7 +379,7 @@ impl<'de> serde::Deserialize<'de> for WholeNumber {
 }
 
 /// The raw query string as a map; repeated keys keep the last value.
-fn query_map(parts: &Parts) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn query_map(parts: &Parts) -> Result<HashMap<String, String>, ApiError> {
     let q = parts.uri.query().unwrap_or("");
     serde_urlencoded::from_str::<Vec<(String, String)>>(q)
         .map(|pairs| pairs.into_iter().collect())

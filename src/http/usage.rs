@@ -5,11 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Json,
-    extract::{Query, State},
-};
-use serde::{Deserialize, Serialize};
+use axum::{Json, extract::State};
+use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{
@@ -108,12 +105,23 @@ impl From<UsageReport> for UsageReportView {
     }
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
+/// `?period=day|month`, read as every query here is (`extract::query_map`:
+/// a repeated key keeps its last value; a bad one is a 422 in our shape).
+#[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// `day` or `month`; the budget's period by default, else `day`.
     #[param(value_type = Option<BudgetPeriod>)]
     pub period: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UsageQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let mut q = super::extract::query_map(parts)?;
+        Ok(UsageQuery { period: q.remove("period") })
+    }
 }
 
 impl UsageQuery {
@@ -133,7 +141,7 @@ impl UsageQuery {
 pub async fn my_usage(
     State(state): State<Arc<AppState>>,
     auth: AuthUser,
-    Query(q): Query<UsageQuery>,
+    q: UsageQuery,
 ) -> ApiResult<Json<UsageReportView>> {
     let subject = format!("user:{}", auth.user.id);
     let report = state.chat.quota.usage(&subject, q.period()?, auth.user.token_budget).await?;
@@ -144,12 +152,12 @@ pub async fn my_usage(
 #[utoipa::path(get, path = "/api/admin/users/{id}/usage", tag = "admin", security(("bearer" = [])),
     params(("id" = uuid::Uuid, Path), UsageQuery),
     responses((status = 200, body = UsageReportView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn user_usage(
     State(state): State<Arc<AppState>>,
     auth: AuthUser,
     id: UuidPath,
-    Query(q): Query<UsageQuery>,
+    q: UsageQuery,
 ) -> ApiResult<Json<UsageReportView>> {
     auth.require(&[Role::Admin])?;
     let user = state.store.user_by_id(id.one()).await?.ok_or(ApiError::NotFound)?;

@@ -322,6 +322,12 @@ async fn budgets_are_validated_and_removed_with_null(app: TestApp) {
     assert_budget_refusal_v1(&complete(&app.client, &app.address, secret).await);
     let usage = app.get("/api/users/me/usage?period=year").bearer_auth(&user.token).fetch().await;
     usage.assert_invalid("period");
+    // A repeated key keeps its last value, as on every other query here.
+    let usage = app.get("/api/users/me/usage?period=day&period=month").bearer_auth(&user.token).fetch().await;
+    usage.assert_status(StatusCode::OK);
+    assert_eq!(usage.body["period"], "month");
+    let path = format!("/api/admin/users/{}/usage?period=null&period=null", user.id);
+    app.get(&path).bearer_auth(&admin.token).fetch().await.assert_invalid("period");
 }
 
 async fn the_support_desk_has_a_daily_budget(mut app: TestApp) {

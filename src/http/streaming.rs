@@ -54,23 +54,38 @@ fn event(name: &str, id: String, data: Value) -> Event {
     Event::default().event(name).id(id).data(data.to_string())
 }
 
-/// The SSE events of a reply from byte `from`: deltas (after a `reset`, the
-/// taken-over reply's text from its start), then `done` (or
-/// `error` for a failed reply).
-fn reply_events(state: Arc<AppState>, assistant: MessageRecord, from: usize) -> impl Stream<Item = Event> + Send {
+/// The SSE events of a reply from byte `from` of its text's generation
+/// `generation` (how often it had been taken over): deltas (after a `reset`,
+/// the taken-over reply's text from its start), then `done` (or `error` for
+/// a failed reply). Ids are the byte offset (`123`, `123:end`), with `@<n>`
+/// once the text is the n-th generation's, so a resume names the text it
+/// saw.
+fn reply_events(
+    state: Arc<AppState>,
+    assistant: MessageRecord,
+    from: usize,
+    generation: i64,
+) -> impl Stream<Item = Event> + Send {
     let message_id = assistant.id.clone();
+    let mut generation = generation;
+    let id = move |offset: String, generation: i64| {
+        if generation == 0 { offset } else { format!("{offset}@{generation}") }
+    };
     state.chat.follow(assistant, from).map(move |e| match e {
         ReplyEvent::Delta { text, offset } => {
-            event("delta", offset.to_string(), json!({ "message_id": message_id, "text": text }))
+            event("delta", id(offset.to_string(), generation), json!({ "message_id": message_id, "text": text }))
         }
-        ReplyEvent::Reset => event("reset", "0:reset".to_owned(), json!({ "message_id": message_id })),
+        ReplyEvent::Reset => {
+            generation += 1;
+            event("reset", id("0:reset".to_owned(), generation), json!({ "message_id": message_id }))
+        }
         ReplyEvent::Finished(m) => {
-            let id = format!("{}:end", m.content.len());
+            let end = id(format!("{}:end", m.content.len()), generation);
             if m.status == MessageStatus::Failed {
                 let e = reply_failure(&m, Map::new());
-                event("error", id, json!({ "detail": e.detail(), "code": e.code() }))
+                event("error", end, json!({ "detail": e.detail(), "code": e.code() }))
             } else {
-                event("done", id, json!(MessageView::from(m.as_ref())))
+                event("done", end, json!(MessageView::from(m.as_ref())))
             }
         }
     })
@@ -100,18 +115,20 @@ pub fn send_events(state: Arc<AppState>, sent: Sent, with_conversation: bool) ->
     let mut user_message = json!(MessageView::from(&sent.user_message));
     user_message["assistant_message_id"] = json!(sent.assistant_message.id);
     head.push(event("user_message", "0".into(), user_message));
-    sse(keepalive_every(&state), stream::iter(head).chain(reply_events(state, sent.assistant_message, 0)))
+    sse(keepalive_every(&state), stream::iter(head).chain(reply_events(state, sent.assistant_message, 0, 0)))
 }
 
-/// The byte offset named by a `Last-Event-ID` (`"123"` or `"123:end"`).
-fn resume_offset(headers: &HeaderMap) -> ApiResult<Option<usize>> {
+/// The byte offset and the text's generation named by a `Last-Event-ID`
+/// (`"123"`, `"123:end"`, `"123@1"`, `"0:reset@1"`).
+fn resume_offset(headers: &HeaderMap) -> ApiResult<Option<(usize, i64)>> {
     let Some(raw) = headers.get("last-event-id") else { return Ok(None) };
     let text = raw.to_str().unwrap_or("").trim();
-    let digits = text.split(':').next().unwrap_or("");
-    digits
-        .parse::<usize>()
-        .map(Some)
-        .map_err(|_| ApiError::invalid_field("invalid_event_id", "Last-Event-ID", "is not an event id of this stream"))
+    let (offset, generation) = text.split_once('@').unwrap_or((text, "0"));
+    let digits = offset.split(':').next().unwrap_or("");
+    match (digits.parse::<usize>(), generation.parse::<i64>()) {
+        (Ok(offset), Ok(generation)) if generation >= 0 => Ok(Some((offset, generation))),
+        _ => Err(ApiError::invalid_field("invalid_event_id", "Last-Event-ID", "is not an event id of this stream")),
+    }
 }
 
 /// Resume a reply's stream: the events after `Last-Event-ID`, then the live
@@ -128,8 +145,15 @@ pub async fn resume(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let message = assistant_message(&state, &auth, &ids).await?;
-    let from = resume_offset(&headers)?.unwrap_or(0);
-    Ok(sse(keepalive_every(&state), reply_events(state, message, from)))
+    let (from, seen) = resume_offset(&headers)?.unwrap_or((0, 0));
+    let generation = state.store.reply_takeovers(&message.id).await?;
+    if seen == generation {
+        return Ok(sse(keepalive_every(&state), reply_events(state, message, from, generation)));
+    }
+    // The client saw a text that was since replaced: it starts over.
+    let reset = event("reset", format!("0:reset@{generation}"), json!({ "message_id": message.id }));
+    let every = keepalive_every(&state);
+    Ok(sse(every, stream::once(async move { reset }).chain(reply_events(state, message, 0, generation))))
 }
 
 async fn assistant_message(state: &AppState, auth: &AuthUser, ids: &UuidPath) -> ApiResult<MessageRecord> {

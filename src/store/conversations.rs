@@ -409,6 +409,17 @@ impl Store {
         Ok(conversation.map(|c| (reply, c)))
     }
 
+    /// How often a reply has been taken over (its text's generation: event
+    /// ids of a resumed stream name it); 0 for an unknown id.
+    pub async fn reply_takeovers(&self, id: &str) -> StoreResult<i64> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT takeovers FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(n.unwrap_or(0))
+    }
+
     /// Marks one stale `streaming` message failed (if it still is); true when it was.
     pub async fn fail_streaming(&self, id: &str, error: &str, stale_before: i64, now: i64) -> StoreResult<bool> {
         let done = sqlx::query(

@@ -39,7 +39,31 @@ async fn kill_the_generator(
     a.kill_server().await;
     drop(stream);
     events.extend(follower.rest().await);
-    (events, stored(&client, survivor, &user, &conversation, &reply_id).await)
+    let reply = stored(&client, survivor, &user, &conversation, &reply_id).await;
+    if events.iter().any(|e| e.event == "reset") {
+        // A client that saw only the old text, and resumes with its id,
+        // is told to reset and gets the new text whole.
+        let resume = client
+            .get(format!("{survivor}/api/conversations/{conversation}/messages/{reply_id}/stream"))
+            .bearer_auth(&user.token)
+            .header("Last-Event-ID", first.id.clone().expect("deltas carry ids"));
+        let again = SseStream::open(resume).await.rest().await;
+        assert_eq!(again.first().map(|e| e.event.as_str()), Some("reset"), "{again:?}");
+        assert_eq!(again.first().and_then(|e| e.id.as_deref()), Some("0:reset@1"));
+        assert_eq!(delta_text(&again[1..]), reply["content"].as_str().unwrap(), "{again:?}");
+        // One that saw the new text resumes where it left off.
+        let last = events.iter().rev().find(|e| e.event == "delta").expect("a delta of the new text");
+        let id = last.id.clone().expect("deltas carry ids");
+        assert!(id.ends_with("@1"), "{id}");
+        let resume = client
+            .get(format!("{survivor}/api/conversations/{conversation}/messages/{reply_id}/stream"))
+            .bearer_auth(&user.token)
+            .header("Last-Event-ID", id);
+        let rest = SseStream::open(resume).await.rest().await;
+        assert!(rest.iter().all(|e| e.event != "reset"), "{rest:?}");
+        assert_eq!(rest.last().map(|e| e.event.as_str()), Some("done"), "{rest:?}");
+    }
+    (events, reply)
 }
 
 async fn stored(client: &reqwest::Client, address: &str, user: &TestUser, conversation: &str, id: &str) -> Value {

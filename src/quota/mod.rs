@@ -88,7 +88,7 @@ pub struct Quota {
     rates: rate::LocalRates,
     /// Settled usage by subject, period and model not yet written: gathered
     /// here and written in one batch (`flush_usage`), never per request.
-    pending: Mutex<HashMap<(SubjectUsageKey, String), SubjectUsage>>,
+    pending: Mutex<PendingUsage>,
 }
 
 /// A budget of one subject to reserve against.
@@ -321,15 +321,7 @@ impl Quota {
             for period in [UsagePeriod::Day, UsagePeriod::Month] {
                 let key =
                     SubjectUsageKey { subject: subject.clone(), period: period.key(now), owner: of.owner.clone() };
-                let counts = pending.entry((key, model.clone())).or_insert_with(|| SubjectUsage {
-                    model: model.clone(),
-                    requests: 0,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                });
-                counts.requests += 1;
-                counts.prompt_tokens += prompt;
-                counts.completion_tokens += completion;
+                add_pending(&mut pending, key, &model, (1, prompt, completion));
             }
         }
     }
@@ -349,15 +341,7 @@ impl Quota {
         tracing::warn!(error = e.to_string().as_str(), "could not store usage by model; kept for the next try");
         let mut pending = self.pending.lock().expect("usage lock poisoned");
         for (key, c) in batch {
-            let counts = pending.entry((key, c.model.clone())).or_insert_with(|| SubjectUsage {
-                model: c.model.clone(),
-                requests: 0,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            });
-            counts.requests += c.requests;
-            counts.prompt_tokens += c.prompt_tokens;
-            counts.completion_tokens += c.completion_tokens;
+            add_pending(&mut pending, key, &c.model, (c.requests, c.prompt_tokens, c.completion_tokens));
         }
         false
     }
@@ -418,6 +402,26 @@ impl Quota {
     }
 }
 
+type PendingUsage = HashMap<(SubjectUsageKey, String), SubjectUsage>;
+
+/// Adds `(requests, prompt, completion)` to `key`'s count for `model`.
+fn add_pending(
+    pending: &mut PendingUsage,
+    key: SubjectUsageKey,
+    model: &str,
+    (requests, prompt, completion): (i64, i64, i64),
+) {
+    let counts = pending.entry((key, model.to_owned())).or_insert_with(|| SubjectUsage {
+        model: model.to_owned(),
+        requests: 0,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    });
+    counts.requests += requests;
+    counts.prompt_tokens += prompt;
+    counts.completion_tokens += completion;
+}
+
 /// The subjects whose usage by model is counted for a request, and the user
 /// they belong to.
 #[derive(Default)]
@@ -466,8 +470,7 @@ impl Quota {
     /// A reservation that holds nothing and settles to `user_id`'s usage: a
     /// reply taken over from a dead instance (its first reservation expires).
     pub fn unreserved(self: &Arc<Self>, user_id: &str) -> Reservation {
-        let payer =
-            Payer { user_id: user_id.to_owned(), user_budget: None, key_id: None, key_budget: None, key_rpm: None };
+        let payer = Payer { user_id: user_id.to_owned(), ..Default::default() };
         Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(&payer) }
     }
 }

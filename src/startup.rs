@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::{PasswordHasher, TokenKeys},
+    chat::TakeOver,
     clock::{Clock, SystemClock},
     config::{Environment, Settings},
     http::{self, AppState},
@@ -301,20 +302,37 @@ async fn sweep_abandoned_replies(
     now: i64,
 ) -> Result<(), crate::store::StoreError> {
     let (mut failed, mut taken) = (0, 0);
-    for id in state.store.stale_streaming(stale_before, 500).await? {
-        if state.chat.replies.get(&id).is_some() {
+    for stale in state.store.stale_streaming(stale_before, 500).await? {
+        if state.chat.replies.get(&stale.id).is_some() {
             continue;
         }
-        if state.settings.chat.reply_takeover
-            && let Some((reply, conversation)) = state.store.take_over_reply(&id, stale_before, now).await?
-        {
-            let support = conversation.user_id == crate::store::SUPPORT_USER_ID;
-            state.chat.take_over(reply.clone(), conversation);
-            if support && let Err(e) = state.desk.clone().forward_taken_over(reply).await {
-                tracing::warn!(error = e.to_string().as_str(), "could not forward a taken-over support reply");
+        let why = if state.settings.chat.reply_takeover {
+            match state.chat.take_over(&stale, stale_before, now).await {
+                Ok(TakeOver::Taken(reply)) => {
+                    if stale.owner == crate::store::SUPPORT_USER_ID
+                        && let Err(e) = state.desk.clone().forward_taken_over(reply).await
+                    {
+                        tracing::warn!(error = e.to_string().as_str(), "could not forward a taken-over support reply");
+                    }
+                    taken += 1;
+                    continue;
+                }
+                Ok(TakeOver::Refused(why)) => Some(why),
+                Ok(TakeOver::Lost) => None,
+                Err(e) => {
+                    tracing::warn!(error = e.to_string().as_str(), "could not take over a reply");
+                    continue;
+                }
             }
-            taken += 1;
-        } else if state.store.fail_streaming(&id, INTERRUPTED, stale_before, now).await? {
+        } else {
+            None
+        };
+        let error = match why {
+            Some(why) => format!("{INTERRUPTED}; not generated again: {why}"),
+            None => INTERRUPTED.to_owned(),
+        };
+        // Taken over before (or by another instance just now, which renewed it): then nothing changes.
+        if state.store.fail_streaming(&stale.id, &error, stale_before, now).await? {
             failed += 1;
         }
     }

@@ -12,7 +12,9 @@ use crate::{
         conversation::{MessageStatus, ModelId},
     },
     providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream, Restarts, Usage},
-    store::{ConversationRecord, MessageRecord, MessageUpdate},
+    error::Error,
+    quota::{Payer, QuotaError},
+    store::{ConversationRecord, MessageRecord, MessageUpdate, SUPPORT_USER_ID, StaleReply},
 };
 
 impl Chat {
@@ -58,23 +60,73 @@ impl Chat {
     }
 }
 
+/// What became of a stale reply offered to this instance for takeover.
+pub enum TakeOver {
+    /// Claimed: regenerating here, from the start.
+    Taken(MessageRecord),
+    /// Not to be generated again (and so to be marked failed): why.
+    Refused(&'static str),
+    /// Gone, or claimed before (by this or another instance).
+    Lost,
+}
+
 impl Chat {
-    /// Regenerates, from the start, a reply whose instance died (claimed with
-    /// `Store::take_over_reply`): same context, same model. Its followers see
+    /// Regenerates, from the start, a reply whose instance died: same
+    /// context, same model, once per reply (`Store::take_over_reply`). It is
+    /// admitted against its owner's budget as a send is — the context and
+    /// the reserve, which then caps the answer — and refused when its owner
+    /// is disabled or the budget left does not cover it. Its followers see
     /// the text shrink and are told to `reset`.
-    pub fn take_over(self: &Arc<Self>, reply: MessageRecord, conversation: ConversationRecord) {
+    pub async fn take_over(
+        self: &Arc<Self>,
+        stale: &StaleReply,
+        stale_before: i64,
+        now: i64,
+    ) -> Result<TakeOver, Error> {
+        let payer = if stale.owner == SUPPORT_USER_ID {
+            Payer { user_id: stale.owner.clone(), ..Default::default() }
+        } else {
+            match self.store.user_by_id(&stale.owner).await? {
+                Some(u) if !u.is_disabled() => Payer { user_id: u.id, user_budget: u.token_budget, ..Default::default() },
+                _ => return Ok(TakeOver::Refused("its owner's account is disabled")),
+            }
+        };
+        let (Some(reply), Some(conversation)) = (
+            self.store.message(&stale.conversation_id, &stale.id).await?,
+            self.store.conversation(&stale.conversation_id, &stale.owner).await?,
+        ) else {
+            return Ok(TakeOver::Lost);
+        };
         let model = reply
             .model
             .as_deref()
             .and_then(|m| ModelId::parse(m).ok())
             .filter(|m| self.providers.validate_model(&m.to_string()).is_ok())
             .unwrap_or_else(|| self.providers.default_model().clone());
-        let user_id = conversation.user_id.clone();
-        let reservation = self.quota.unreserved(&user_id);
         // The placeholder is stored right after the message it answers.
         let upto_seq = reply.seq - 1;
+        let (admission, cap) = if self.quota.budgeted(&payer) {
+            let cap = self.quota.default_reserve();
+            let context = self.build_context(&conversation, &model, upto_seq).await?;
+            let prompt: i64 = context.iter().map(|m| crate::domain::context::message_tokens(m) as i64).sum();
+            match self.quota.admit_budgets(&payer, prompt + i64::from(cap)).await {
+                Ok(admission) => (admission, Some(cap)),
+                Err(QuotaError::BudgetExceeded { .. }) => {
+                    return Ok(TakeOver::Refused("the budget left does not cover generating it again"));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            (self.quota.admit_budgets(&payer, 0).await?, None)
+        };
+        let Some((reply, conversation)) = self.store.take_over_reply(&stale.id, stale_before, now).await? else {
+            // `admission` gives its holds back.
+            return Ok(TakeOver::Lost);
+        };
         // Taken over once: `take_over_reply` counted it.
-        self.start_generation((&reply, 1), &user_id, model, conversation, upto_seq, (reservation, None));
+        let user_id = conversation.user_id.clone();
+        self.start_generation((&reply, 1), &user_id, model, conversation, upto_seq, (admission.reservation, cap));
+        Ok(TakeOver::Taken(reply))
     }
 }
 

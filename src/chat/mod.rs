@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 /// Who a gateway call counts against, with their limits.
 pub use crate::quota::Payer as Caller;
-pub use generate::provider_error_code;
+pub use generate::{TakeOver, provider_error_code};
 pub use history::HistoryCache;
 pub use live::{LiveReply, Replies, ReplyEvent};
 pub use relay::{GatewayUsage, RelayStream};

@@ -179,8 +179,26 @@ impl Quota {
         let now = self.clock.now_ms();
         let mut state = LimitState::default();
         self.check_rates(&payer, now, &mut state).await?;
-        let mut reservation = Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(&payer) };
-        for charge in Self::charges(&payer) {
+        self.reserve_budgets(&payer, tokens, now, state).await
+    }
+
+    /// Reserves `tokens` against every budget of `payer`, without counting a
+    /// request against its rates: for work no request asked for just now (a
+    /// reply taken over from a dead instance).
+    pub async fn admit_budgets(self: &Arc<Self>, payer: &Payer, tokens: i64) -> Result<Admission, QuotaError> {
+        let payer = self.with_desk(payer);
+        self.reserve_budgets(&payer, tokens, self.clock.now_ms(), LimitState::default()).await
+    }
+
+    async fn reserve_budgets(
+        self: &Arc<Self>,
+        payer: &Payer,
+        tokens: i64,
+        now: i64,
+        mut state: LimitState,
+    ) -> Result<Admission, QuotaError> {
+        let mut reservation = Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(payer) };
+        for charge in Self::charges(payer) {
             let period_key = charge.budget.period.key(now);
             let reset_ms = charge.budget.period.ends_at(now) - now;
             let mut hold = Hold { subject: charge.subject, period_key, id: self.ids.random(), tokens, shared_at: 0 };
@@ -463,15 +481,6 @@ impl Drop for Reservation {
         if !self.holds.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
             self.quota.settle(std::mem::take(&mut self.holds), None);
         }
-    }
-}
-
-impl Quota {
-    /// A reservation that holds nothing and settles to `user_id`'s usage: a
-    /// reply taken over from a dead instance (its first reservation expires).
-    pub fn unreserved(self: &Arc<Self>, user_id: &str) -> Reservation {
-        let payer = Payer { user_id: user_id.to_owned(), ..Default::default() };
-        Reservation { quota: self.clone(), holds: Vec::new(), usage_of: usage_subjects(&payer) }
     }
 }
 

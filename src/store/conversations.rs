@@ -43,6 +43,14 @@ pub struct ConversationPatch {
     pub model: Option<Option<String>>,
 }
 
+/// A `streaming` reply whose heartbeat stopped, and whose it is.
+#[derive(Debug, Clone)]
+pub struct StaleReply {
+    pub id: String,
+    pub conversation_id: String,
+    pub owner: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct MessageRecord {
     pub id: String,
@@ -360,14 +368,23 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Ids of `streaming` messages not written since `stale_before` (at most
+    /// `streaming` messages not written since `stale_before` (at most
     /// `limit`): replies whose generator may be gone.
-    pub async fn stale_streaming(&self, stale_before: i64, limit: i64) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar("SELECT id FROM messages WHERE status = 'streaming' AND updated_at < $1 LIMIT $2")
-            .bind(stale_before)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
+    pub async fn stale_streaming(&self, stale_before: i64, limit: i64) -> StoreResult<Vec<StaleReply>> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.conversation_id, c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+             WHERE m.status = 'streaming' AND m.updated_at < $1 LIMIT $2",
+        )
+        .bind(stale_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StaleReply { id: get(r, "id")?, conversation_id: get(r, "conversation_id")?, owner: get(r, "user_id")? })
+            })
+            .collect::<Result<_, sqlx::Error>>()
             .map_err(map_err)
     }
 

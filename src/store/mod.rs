@@ -33,7 +33,7 @@ use sqlx::{
 pub use api_keys::{ApiKeyRecord, ApiUsageCounts, ApiUsageKey, NewApiKey};
 pub use conversations::{
     ConversationPatch, ConversationRecord, Exchange, ExchangeOutcome, HistoryItem, MessageRecord, MessageUpdate,
-    NewMessage,
+    NewMessage, StaleReply,
 };
 pub use idempotency::{IDEMPOTENCY_TTL_MS, IdempotentSend};
 pub use quota::{Reserved, SubjectUsage, SubjectUsageKey};

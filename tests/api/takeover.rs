@@ -15,14 +15,26 @@ use crate::mock_llm::Script;
 use crate::streaming::until_first_delta;
 use crate::support_ws::{client_socket, until};
 
-/// A reply started on `a` and followed from `survivor` from its first delta;
-/// then `a` is killed. Answers the follower's events and the stored reply.
+/// A reply started on `a` (by a user with a daily token `budget`, if any)
+/// and followed from `survivor` from its first delta; then `a` is killed.
+/// Answers the follower's events and the stored reply.
 async fn kill_the_generator(
     a: &mut TestApp,
     survivor: &str,
     script: &Script,
+    budget: Option<i64>,
 ) -> (Vec<crate::helpers::SseEvent>, Value) {
     let user = a.signup().await;
+    if let Some(tokens) = budget {
+        let admin = a.signup_admin().await;
+        let r = a
+            .patch(&format!("/api/admin/users/{}", user.id))
+            .bearer_auth(&admin.token)
+            .json(&serde_json::json!({ "token_budget": tokens, "budget_period": "day" }))
+            .fetch()
+            .await;
+        r.assert_status(StatusCode::OK);
+    }
     let conversation = a.new_conversation(&user).await;
     a.provider.stream(script.clone());
     let mut stream = a.post_message_sse(&user, &conversation, "A long story", None).await;
@@ -77,7 +89,14 @@ async fn stored(client: &reqwest::Client, address: &str, user: &TestUser, conver
 }
 
 async fn two_instances(takeover: bool, test: impl AsyncFnOnce(&mut TestApp, &str)) {
-    let Some(mut a) = spawn_process_app_with(Db::Postgres, |s| s.chat.reply_takeover = takeover).await else { return };
+    let Some(mut a) = spawn_process_app_with(Db::Postgres, |s| {
+        s.chat.reply_takeover = takeover;
+        s.limits.budget_default_reserve = RESERVE;
+    })
+    .await
+    else {
+        return;
+    };
     let b = a.sibling().await;
     let database = a.database.clone();
     test(&mut a, &b.address).await;
@@ -89,7 +108,7 @@ async fn two_instances(takeover: bool, test: impl AsyncFnOnce(&mut TestApp, &str
 async fn a_killed_instances_reply_is_taken_over_and_completes() {
     two_instances(true, async |a, survivor| {
         let script = Script::words(60, Duration::from_millis(50));
-        let (events, reply) = kill_the_generator(a, survivor, &script).await;
+        let (events, reply) = kill_the_generator(a, survivor, &script, None).await;
         let reset = events.iter().position(|e| e.event == "reset").unwrap_or_else(|| panic!("no reset: {events:?}"));
         let after = &events[reset + 1..];
         let done = after.last().expect("events after the reset");
@@ -103,11 +122,34 @@ async fn a_killed_instances_reply_is_taken_over_and_completes() {
     .await;
 }
 
+/// What a budgeted send reserves for its answer here.
+const RESERVE: u32 = 100;
+
+/// A takeover is admitted against the owner's budget like a send: the dead
+/// instance's reservation is still held (it expires later), so a budget that
+/// covered one send does not cover generating the reply again, and the reply
+/// is marked failed, with what it had, instead of being paid for twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_takeover_the_budget_does_not_cover_is_marked_failed() {
+    two_instances(true, async |a, survivor| {
+        let script = Script::words(60, Duration::from_millis(50));
+        let budget = i64::from(RESERVE) + 40;
+        let (events, reply) = kill_the_generator(a, survivor, &script, Some(budget)).await;
+        assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
+        let end = events.last().expect("the follower's last event");
+        assert_eq!((end.event.as_str(), &end.data["code"]), ("error", &Value::from("interrupted")), "{events:?}");
+        assert_eq!(reply["status"], "failed");
+        assert!(reply["error"].as_str().is_some_and(|e| e.contains("budget")), "{reply}");
+        assert!(reply["content"].as_str().is_some_and(|c| !c.is_empty() && script.text().starts_with(c)));
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn without_takeover_a_killed_instances_reply_is_marked_failed() {
     two_instances(false, async |a, survivor| {
         let script = Script::words(60, Duration::from_millis(50));
-        let (events, reply) = kill_the_generator(a, survivor, &script).await;
+        let (events, reply) = kill_the_generator(a, survivor, &script, None).await;
         assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
         let end = events.last().expect("the follower's last event");
         assert_eq!((end.event.as_str(), &end.data["code"]), ("error", &Value::from("interrupted")), "{events:?}");

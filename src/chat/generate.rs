@@ -11,8 +11,8 @@ use crate::{
         context::ChatMessage,
         conversation::{MessageStatus, ModelId},
     },
-    providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream, Restarts, Usage},
     error::Error,
+    providers::{ChatEvent, ChatOptions, ProviderError, ReplyStream, Restarts, Usage},
     quota::{Payer, QuotaError},
     store::{ConversationRecord, MessageRecord, MessageUpdate, SUPPORT_USER_ID, StaleReply},
 };
@@ -87,7 +87,9 @@ impl Chat {
             Payer { user_id: stale.owner.clone(), ..Default::default() }
         } else {
             match self.store.user_by_id(&stale.owner).await? {
-                Some(u) if !u.is_disabled() => Payer { user_id: u.id, user_budget: u.token_budget, ..Default::default() },
+                Some(u) if !u.is_disabled() => {
+                    Payer { user_id: u.id, user_budget: u.token_budget, ..Default::default() }
+                }
                 _ => return Ok(TakeOver::Refused("its owner's account is disabled")),
             }
         };

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+mod append;
 pub mod bus;
 pub mod events;
 pub mod order;
@@ -25,7 +26,7 @@ use crate::{
     error::Error,
     ids::Ids,
     store::Store,
-    store::{ConversationRecord, MessageRecord, NewMessage, SUPPORT_USER_ID, SupportSessionRecord},
+    store::{ConversationRecord, MessageRecord, NewMessage, NewSupportEvent, SUPPORT_USER_ID, SupportSessionRecord},
 };
 use crate::{
     chat::{self, Chat, ReplyEvent, SendRequest, StoreSend, Target},
@@ -47,6 +48,8 @@ pub struct Desk {
     pub creations: Limiter,
     /// The queue as last read, and the bus's queue generation it was read at.
     pub queue_cache: tokio::sync::Mutex<Option<(u64, Arc<Vec<SupportSessionView>>)>>,
+    /// Writes the event log, many events to a commit.
+    appender: append::Appender,
 }
 
 pub fn message_json(session_id: &str, m: &MessageRecord) -> SupportMessageView {
@@ -81,6 +84,7 @@ impl Desk {
         };
         let creations = Limiter::new("support-sessions", settings.support_sessions_per_ip, 10 * 60 * 1000, shared);
         Self {
+            appender: append::Appender::start(chat.store.clone()),
             store: chat.store.clone(),
             clock: chat.clock.clone(),
             ids: chat.ids.clone(),
@@ -140,8 +144,14 @@ impl Desk {
             Lasting::Status(v) => ("status", serde_json::to_string(v)),
         };
         let payload = payload.map_err(anyhow::Error::from)?;
-        let (agent, now) = (s.assigned_agent.as_deref(), self.clock.now_ms());
-        let seq = self.store.append_support_event(&s.id, agent, kind, &payload, now).await?;
+        let event = NewSupportEvent {
+            session_id: s.id.clone(),
+            agent_id: s.assigned_agent.clone(),
+            kind,
+            payload,
+            created_at: self.clock.now_ms(),
+        };
+        let seq = self.appender.append(event).await?;
         let (session_id, agent_id) = (s.id.clone(), s.assigned_agent.clone());
         let event = match what {
             Lasting::Message(message) => BusEvent::Message { session_id, seq, agent_id, message },

@@ -382,7 +382,11 @@ impl Store {
         .map_err(map_err)?;
         rows.iter()
             .map(|r| {
-                Ok(StaleReply { id: get(r, "id")?, conversation_id: get(r, "conversation_id")?, owner: get(r, "user_id")? })
+                Ok(StaleReply {
+                    id: get(r, "id")?,
+                    conversation_id: get(r, "conversation_id")?,
+                    owner: get(r, "user_id")?,
+                })
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(map_err)

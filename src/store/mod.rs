@@ -40,7 +40,7 @@ pub use quota::{Reserved, SubjectUsage, SubjectUsageKey};
 pub use retention::DueConversation;
 pub use search::{SEARCH_CANDIDATES, SearchHit, SearchScope};
 pub use sessions::{LoginSessionRecord, NewLoginSession, RefreshOutcome, SessionAuth};
-pub use support::{REPLAY_LIMIT, SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};
+pub use support::{NewSupportEvent, REPLAY_LIMIT, SUPPORT_USER_ID, SupportEventRecord, SupportSessionRecord};
 pub use usage::{TokenBudget, UsagePeriod, UsageTotals};
 pub use users::{NewUser, UserRecord};
 

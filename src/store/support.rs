@@ -4,7 +4,7 @@
 
 use sqlx::{AssertSqlSafe, any::AnyRow};
 
-use super::{ConversationRecord, Engine, Store, StoreResult, get, map_err, parse_col};
+use super::{ConversationRecord, Engine, Store, StoreError, StoreResult, get, map_err, parse_col};
 use crate::domain::support::SupportStatus;
 
 /// The built-in account that owns support conversations (created by the
@@ -42,6 +42,16 @@ impl SupportSessionRecord {
             updated_at: get(row, "updated_at")?,
         })
     }
+}
+
+/// An event to log.
+#[derive(Debug, Clone)]
+pub struct NewSupportEvent {
+    pub session_id: String,
+    pub agent_id: Option<String>,
+    pub kind: &'static str,
+    pub payload: String,
+    pub created_at: i64,
 }
 
 /// One entry of a session's event log.
@@ -246,37 +256,60 @@ impl Store {
         Ok(total.filter(|_| count > 0).map(|total| (total + count / 2) / count))
     }
 
-    /// Appends to a session's event log; answers the event's sequence number.
+    /// Appends events to the log in one statement; answers their ids, in
+    /// the order given (a batch is one commit, however many events: the
+    /// desk's appender gathers what arrives while the previous batch writes).
     ///
     /// Ids are given out in commit order: on SQLite the one writer does it,
     /// on PostgreSQL an advisory lock held until the insert commits. So once
     /// an event is visible, every lower id is committed or was abandoned, and
     /// nobody reading the log after `since` can miss one that commits later.
-    pub async fn append_support_event(
-        &self,
-        session_id: &str,
-        agent_id: Option<&str>,
-        kind: &str,
-        payload: &str,
-        now: i64,
-    ) -> StoreResult<i64> {
-        let sql = match self.engine() {
-            Engine::Sqlite => {
-                "INSERT INTO support_events (session_id, agent_id, kind, payload, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING seq"
-            }
-            Engine::Postgres => {
-                "WITH turn AS (SELECT pg_advisory_xact_lock($6) AS held) \
-                 INSERT INTO support_events (session_id, agent_id, kind, payload, created_at) \
-                 SELECT $1, $2, $3, $4, $5 FROM turn RETURNING seq"
-            }
+    pub async fn append_support_events(&self, events: &[NewSupportEvent]) -> StoreResult<Vec<i64>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Rows are inserted in the order of `ord`, so ids rise with it; the
+        // answer is sorted rather than trusting RETURNING's order.
+        let rows = (0..events.len())
+            .map(|i| {
+                let p = 2 + i * 6;
+                format!(
+                    "(CAST(${p} AS BIGINT), ${}, ${}, ${}, ${}, CAST(${} AS BIGINT))",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let turn = match self.engine() {
+            Engine::Sqlite => "turn AS (SELECT $1 AS held)",
+            Engine::Postgres => "turn AS (SELECT pg_advisory_xact_lock($1) AS held)",
         };
-        let query = sqlx::query_scalar(sql).bind(session_id).bind(agent_id).bind(kind).bind(payload).bind(now);
-        let query = match self.engine() {
-            Engine::Sqlite => query,
-            Engine::Postgres => query.bind(EVENT_ORDER_LOCK),
-        };
-        query.fetch_one(&self.pool).await.map_err(map_err)
+        let sql = format!(
+            "WITH {turn}, input (ord, session_id, agent_id, kind, payload, created_at) AS (VALUES {rows}) \
+             INSERT INTO support_events (session_id, agent_id, kind, payload, created_at) \
+             SELECT i.session_id, i.agent_id, i.kind, i.payload, i.created_at FROM input i, turn ORDER BY i.ord \
+             RETURNING seq"
+        );
+        let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).bind(EVENT_ORDER_LOCK);
+        for (i, e) in events.iter().enumerate() {
+            query = query
+                .bind(i as i64)
+                .bind(&e.session_id)
+                .bind(&e.agent_id)
+                .bind(e.kind)
+                .bind(&e.payload)
+                .bind(e.created_at);
+        }
+        let mut ids: Vec<i64> = query.fetch_all(&self.pool).await.map_err(map_err)?;
+        if ids.len() != events.len() {
+            return Err(StoreError::Unavailable(format!("{} of {} events logged", ids.len(), events.len())));
+        }
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Events after `since` of one session (a client), or of the sessions an
